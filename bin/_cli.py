@@ -1,0 +1,88 @@
+"""Shared plumbing for the bin/ scripts: error reporting, x,y,z options, version, progress.
+
+Kept beside the scripts (not in the library) so the library stays free of CLI code. Python puts
+a script's own folder first on sys.path, so ``from _cli import ...`` works wherever bin/ is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Callable, NoReturn
+
+import typer
+
+from exllsm_neuronseg import __version__
+from exllsm_neuronseg.errors import NeuronSegError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+
+
+def fail(message: str) -> NoReturn:
+    """Print one line to stderr and exit with status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"{os.path.basename(sys.argv[0])} (exllsm-neuronseg) {__version__}")
+        raise typer.Exit()
+
+
+VersionOption = typer.Option(
+    False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit."
+)
+
+
+def app_for(command: Callable, help_text: str) -> typer.Typer:
+    """A single-command typer app whose command errors become one stderr line and exit 2."""
+    app = typer.Typer(add_completion=False, help=help_text, pretty_exceptions_enable=False)
+    app.command(help=help_text, context_settings={"help_option_names": ["-h", "--help"]})(command)
+    return app
+
+
+def run(app: typer.Typer) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        app()
+    except NeuronSegError as exc:
+        fail(str(exc))
+
+
+class Progress:
+    """Tiles (or tiles of blocks) done with a rate, on stderr; a tqdm bar when stderr is a terminal."""
+
+    def __init__(self, unit: str, voxels_per_item: float = 0.0, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.bar = None
+        self.unit, self.voxels_per_item, self.enabled = unit, voxels_per_item, enabled
+        self.t0 = time.perf_counter()
+        self.tqdm = tqdm
+        self.last_print = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = self.tqdm(
+                total=total,
+                unit=self.unit,
+                file=sys.stderr,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                dynamic_ncols=True,
+            )
+        self.bar.update(done - self.bar.n)
+        elapsed = time.perf_counter() - self.t0
+        if self.voxels_per_item and elapsed > 0:
+            self.bar.set_postfix_str(f"{done * self.voxels_per_item / elapsed / 1e6:.2f} Mvox/s", refresh=False)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Create the output dataset of a segmentation before its blocks run in parallel.
+
+It takes the input's dims and chunk size (N5 blockSize) and its resolution attributes; dtype is
+float32 for probabilities or uint8 for binary masks; gzip compressed. An existing dataset of the
+same dims, chunks and dtype is kept (so re-runs keep finished blocks); anything else is an error
+unless --overwrite is given.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from _cli import VersionOption, app_for, run
+
+HELP = __doc__.strip().splitlines()[0]
+
+
+def create_volume(
+    input: str = typer.Option(..., "-i", "--input", "-t", help="Template (input) container."),
+    input_dataset: str = typer.Option("/s0", "-id", "--input_data_set", "--input-dataset", "--template_data_set", help="Template dataset path."),
+    output: str = typer.Option(..., "-o", "--output", help="Output container (created if missing; N5 unless named *.zarr)."),
+    output_dataset: str = typer.Option("/s0", "-od", "--output_data_set", "--output-dataset", "--target_data_set", help="Output dataset path."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (probabilities) or uint8 (binary masks)."),
+    as_binary_mask: bool = typer.Option(False, "--as_binary_mask", "--as-binary-mask", help="Shorthand for --dtype uint8."),
+    chunks: Optional[str] = typer.Option(None, "--chunks", help="Chunk size x,y,z (default: the input's)."),
+    compression_level: int = typer.Option(6, "--compression-level", min=1, max=9, help="gzip level."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset (all its data is lost)."),
+    version: bool = VersionOption,
+) -> None:
+    from exllsm_neuronseg.errors import OutputError
+    from exllsm_neuronseg.geometry import format_xyz, parse_xyz
+    from exllsm_neuronseg.volume import create_volume as create, input_attributes, open_volume
+
+    if as_binary_mask:
+        dtype = "uint8"
+    if dtype not in ("float32", "uint8"):
+        raise OutputError(f"--dtype {dtype!r} is not supported: use float32 (probabilities) or uint8 (binary masks)")
+    template = open_volume(input, input_dataset)
+    chunk_shape = parse_xyz(chunks, "--chunks", minimum=1) if chunks else template.chunks
+    volume = create(
+        output,
+        output_dataset,
+        template.shape,
+        chunk_shape,
+        dtype,
+        attributes=input_attributes(template),
+        compression_level=compression_level,
+        overwrite=overwrite,
+    )
+    typer.echo(
+        f"dataset {volume}: shape {format_xyz(volume.shape)}, chunks {format_xyz(volume.chunks)}, {volume.dtype}, gzip"
+    )
+
+
+app = app_for(create_volume, HELP)
+
+if __name__ == "__main__":
+    run(app)

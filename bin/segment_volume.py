@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Segment one block [start, end) of an N5/zarr volume with the ExLLSM neuron U-Net.
+
+Drop-in for the original volumeSegmentation.py: every original flag works with the same long and
+short names; kebab-case aliases are accepted too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from _cli import Progress, VersionOption, app_for, fail, run
+
+HELP = __doc__.strip().splitlines()[0]
+
+
+def segment_volume(
+    input: str = typer.Option(..., "-i", "--input", help="Input container (N5 or zarr)."),
+    input_dataset: str = typer.Option("/s0", "-id", "--input_data_set", "--input-dataset", help="Dataset path inside the input container."),
+    output: str = typer.Option(..., "-o", "--output", help="Output container (its dataset must exist: create_volume.py)."),
+    output_dataset: str = typer.Option("/s0", "-od", "--output_data_set", "--output-dataset", help="Dataset path inside the output container."),
+    model_path: str = typer.Option(..., "-m", "--model_path", "--model", help="U-Net model file (.h5)."),
+    scaling: Optional[float] = typer.Option(None, "-s", "--scaling", help="Intensity scaling factor (from scaling_factor.py). Without it the block computes its own, which makes seams."),
+    start: Optional[str] = typer.Option(None, "--start", help="Block start x,y,z (inclusive). Default 0,0,0."),
+    end: Optional[str] = typer.Option(None, "--end", help="Block end x,y,z (exclusive). Default: the image shape."),
+    image_shape: Optional[str] = typer.Option(None, "--image_shape", "--image-shape", help="Volume shape x,y,z; read from the data, checked if given."),
+    model_input_shape: str = typer.Option("220,220,220", "--model_input_shape", "--model-input-shape", help="Tile input shape x,y,z (each edge s = 4 mod 8, s >= 92)."),
+    model_output_shape: Optional[str] = typer.Option("132,132,132", "--model_output_shape", "--model-output-shape", help="Tile output shape x,y,z (input - 88); checked against the input shape."),
+    set_gpu_mem_growth: bool = typer.Option(False, "--set_gpu_mem_growth", "--set-gpu-mem-growth", help="Let TensorFlow grow GPU memory as needed."),
+    with_post_processing: bool = typer.Option(False, "--with_post_processing", "--with-post-processing", help="Hysteresis, then small-object removal, inside this block."),
+    as_binary_mask: bool = typer.Option(False, "--as_binary_mask", "--as-binary-mask", help="Write argmax 0/1 (uint8) instead of the probability."),
+    unet_batch_size: int = typer.Option(1, "--unet_batch_size", "--unet-batch-size", "--batch-size", min=1, help="Tiles per forward pass."),
+    high_threshold: float = typer.Option(0.98, "-ht", "--high_threshold", "--high-threshold", help="Hysteresis seed threshold."),
+    low_threshold: float = typer.Option(0.2, "-lt", "--low_threshold", "--low-threshold", help="Hysteresis grow threshold."),
+    small_region_probability_threshold: float = typer.Option(0.9, "--small_region_probability_threshold", "--small-region-probability-threshold", help="Binarisation threshold of the size filter."),
+    small_region_size_threshold: int = typer.Option(1000, "--small_region_size_threshold", "--small-region-size-threshold", help="Components with fewer voxels are removed."),
+    allow_unaligned: bool = typer.Option(False, "--allow-unaligned", help="Allow a block not aligned to the output chunk grid (only safe for a lone job)."),
+    redo: bool = typer.Option(False, "--redo", help="Segment even if the block's done marker says it is finished."),
+    io_threads: Optional[int] = typer.Option(None, "--io-threads", min=1, help="Threads for chunk decoding and encoding (default: cores, 2..8)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    version: bool = VersionOption,
+) -> None:
+    from exllsm_neuronseg.geometry import format_xyz, parse_xyz
+    from exllsm_neuronseg.segment import PostProcessing, segment_block
+    from exllsm_neuronseg.volume import open_volume
+
+    source = open_volume(input, input_dataset)
+    if image_shape is not None and parse_xyz(image_shape, "--image_shape") != source.shape:
+        fail(f"--image_shape {image_shape} disagrees with {source}, which has shape {format_xyz(source.shape)}")
+    block_start = parse_xyz(start, "--start") if start else (0, 0, 0)
+    block_end = parse_xyz(end, "--end") if end else source.shape
+    try:
+        target = open_volume(output, output_dataset, mode="r+")
+    except Exception as exc:  # noqa: BLE001 - reworded with the fix
+        fail(f"{exc}; create the output dataset first with create_volume.py")
+    if not os.access(target.path, os.W_OK):
+        fail(f"output dataset {target} is not writable")
+    if set_gpu_mem_growth:
+        import tensorflow as tf
+
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    post = (
+        PostProcessing(high_threshold, low_threshold, small_region_probability_threshold, small_region_size_threshold)
+        if with_post_processing
+        else None
+    )
+    tile_in = parse_xyz(model_input_shape, "--model_input_shape")
+    tile_out = parse_xyz(model_output_shape, "--model_output_shape") if model_output_shape else None
+    bar = Progress("tile", enabled=progress)
+    result = segment_block(
+        source,
+        target,
+        model_path,
+        block_start,
+        block_end,
+        scaling=scaling,
+        input_shape=tile_in,
+        output_shape=tile_out,
+        batch_size=unet_batch_size,
+        binary=as_binary_mask,
+        post_processing=post,
+        allow_unaligned=allow_unaligned,
+        skip_done=not redo,
+        io_threads=io_threads,
+        progress=bar,
+        warn=lambda message: typer.echo(f"warning: {message}", err=True),
+    )
+    bar.close()
+    typer.echo(result.summary())
+
+
+app = app_for(segment_volume, HELP)
+
+if __name__ == "__main__":
+    run(app)

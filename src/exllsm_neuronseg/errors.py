@@ -1,0 +1,35 @@
+"""Typed exceptions raised by the library.
+
+Every message names the offending value and what would have been accepted, so the
+command-line scripts can print it as a single line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+
+class NeuronSegError(Exception):
+    """Base class of every error this package raises on bad input."""
+
+
+class VolumeError(NeuronSegError):
+    """A container or dataset is missing, unreadable or of the wrong kind."""
+
+
+class GeometryError(NeuronSegError, ValueError):
+    """A box, block, shape or tile size that does not fit the data or the model."""
+
+
+class ModelError(NeuronSegError):
+    """A model file that is missing, corrupt or not this U-Net."""
+
+
+class ScalingError(NeuronSegError, ValueError):
+    """An intensity scaling factor that cannot be used (NaN, infinite, not positive)."""
+
+
+class OutputError(NeuronSegError):
+    """An output dataset that is missing, incompatible or cannot be written."""
+
+
+class DatasetError(NeuronSegError):
+    """A training region or training dataset that is missing or malformed."""

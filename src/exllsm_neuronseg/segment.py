@@ -1,0 +1,339 @@
+"""Block-wise segmentation of a volume with the U-Net.
+
+``segment_block`` predicts one block ``[start, end)`` of an input dataset into an output dataset.
+Tiles sit on a global grid (see :mod:`.geometry`), so the result does not depend on how the
+volume is cut into blocks.  Tiles stream slab by slab (z slowest, the N5 storage order): the next
+slab's input is read while the current one is predicted, and finished output chunk rows are
+encoded and written by a thread pool while prediction goes on.  Peak memory is one slab of
+input, one chunk row plus one slab of output, and the model's working set for one batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import GeometryError
+from .geometry import XYZ, Box, TileGrid, check_block, check_chunk_aligned, format_xyz
+from .postprocess import post_process
+from .scaling import check_scaling_factor, intensity_histogram, scaling_factor_from_histogram
+from .volume import Volume, check_output_volume, io_executor, split_by_chunks
+
+log = logging.getLogger(__name__)
+
+DONE_DIR = ".exllsm-done"
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """Hysteresis thresholds, then small-object removal (host defaults)."""
+
+    high_threshold: float = 0.98
+    low_threshold: float = 0.2
+    small_region_probability_threshold: float = 0.9
+    small_region_size_threshold: int = 1000
+
+
+@dataclass
+class SegmentationResult:
+    block: Box
+    tiles: int
+    seconds: float
+    scaling: float
+    read_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+    skipped: bool = False
+    flops: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def voxels(self) -> int:
+        return self.block.size
+
+    @property
+    def mvox_per_s(self) -> float:
+        return self.voxels / self.seconds / 1e6 if self.seconds > 0 else math.inf
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"block {self.block}: already done (marker present), skipped"
+        return (
+            f"block {self.block}: {self.tiles} tiles in {self.seconds:.1f} s, "
+            f"{self.mvox_per_s:.2f} Mvox/s, scaling {self.scaling:.6g}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Done markers: written after a block's data, so re-runs can skip finished blocks
+# --------------------------------------------------------------------------------------------
+
+
+def block_key(block: Box) -> str:
+    return f"{format_xyz(block.start).replace(',', '_')}-{format_xyz(block.end).replace(',', '_')}"
+
+
+def marker_path(output: Volume, block: Box) -> Path:
+    return output.path / DONE_DIR / f"{block_key(block)}.json"
+
+
+def run_fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def block_is_done(output: Volume, block: Box, fingerprint: str) -> bool:
+    path = marker_path(output, block)
+    try:
+        return json.loads(path.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def mark_block_done(output: Volume, block: Box, fingerprint: str, info: dict) -> None:
+    path = marker_path(output, block)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, **info}, indent=1, default=str))
+    tmp.replace(path)
+
+
+def clear_block_done(output: Volume, block: Box) -> None:
+    marker_path(output, block).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Scaling from the block itself (the original's behaviour without -s)
+# --------------------------------------------------------------------------------------------
+
+
+def block_scaling_factor(volume: Volume, block: Box, context: XYZ, executor=None) -> float:
+    """The factor of the block's read window (block plus model context, clipped to the image)."""
+    window = block.grow(context).intersect(volume.box)
+    counts = None
+    for piece in split_by_chunks(window, volume.chunks):
+        c = intensity_histogram(volume.read_zyx(piece))
+        counts = c if counts is None else counts + c
+    return scaling_factor_from_histogram(counts).factor
+
+
+# --------------------------------------------------------------------------------------------
+# The block loop
+# --------------------------------------------------------------------------------------------
+
+
+class _OutputRows:
+    """Collects predicted z-slabs of a block and writes whole chunk rows as soon as they are complete."""
+
+    def __init__(self, output: Volume, block: Box, dtype: np.dtype, executor, keep_all: bool) -> None:
+        self.output, self.block, self.dtype, self.executor = output, block, dtype, executor
+        self.keep_all = keep_all
+        self.z0 = block.start[2]  # first z not yet written
+        self.buffer = np.zeros((0, block.shape[1], block.shape[0]), dtype=dtype)
+        self.pending: list[Future] = []
+        self.write_seconds = 0.0
+
+    def slab_buffer(self, z0: int, z1: int) -> np.ndarray:
+        """Make rows ``[.., z1)`` available and return the view for ``[z0, z1)``."""
+        have = self.z0 + self.buffer.shape[0]
+        if z1 > have:
+            grown = np.zeros((z1 - self.z0, *self.buffer.shape[1:]), dtype=self.dtype)
+            grown[: self.buffer.shape[0]] = self.buffer
+            self.buffer = grown
+        return self.buffer[z0 - self.z0 : z1 - self.z0]
+
+    def flush(self, complete_to: int, final: bool = False) -> None:
+        """Write every whole chunk row below ``complete_to`` (everything when ``final``)."""
+        if self.keep_all and not final:
+            return
+        cz = self.output.chunks[2]
+        end = complete_to if final else max(self.z0, complete_to // cz * cz)
+        end = min(end, self.block.end[2])
+        if end <= self.z0:
+            return
+        rows = self.buffer[: end - self.z0]
+        box = Box((self.block.start[0], self.block.start[1], self.z0), (self.block.end[0], self.block.end[1], end))
+        for piece in split_by_chunks(box, self.output.chunks):
+            data = rows[piece.slices(box.start)[::-1]]
+            self.pending.append(self.executor.submit(self._write, piece.start, data))
+        self.buffer = self.buffer[end - self.z0 :].copy()
+        self.z0 = end
+
+    def _write(self, start: XYZ, data_zyx: np.ndarray) -> None:
+        t = time.perf_counter()
+        self.output.write_zyx(start, data_zyx)
+        self.write_seconds += time.perf_counter() - t
+
+    def wait(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pending.clear()
+
+
+def plan_block(
+    input_volume: Volume,
+    start: Sequence[int],
+    end: Sequence[int],
+    input_shape: Sequence[int],
+    output_shape: Sequence[int] | None,
+    n_blocks: int = 2,
+    grid: int | None = None,
+) -> tuple[Box, TileGrid]:
+    """Validate a block and the tile shapes and return the block box and the tile grid."""
+    from .unet import check_tile_shapes
+
+    block = check_block(tuple(start), tuple(end), input_volume.shape)  # type: ignore[arg-type]
+    tile_in, tile_out = check_tile_shapes(input_shape, output_shape, n_blocks)
+    return block, TileGrid(tile_in, tile_out, grid or 2 ** (n_blocks + 1))
+
+
+def segment_block(
+    input_volume: Volume,
+    output_volume: Volume,
+    model_path: str | Path,
+    start: Sequence[int],
+    end: Sequence[int],
+    scaling: float | None = None,
+    input_shape: Sequence[int] = (220, 220, 220),
+    output_shape: Sequence[int] | None = None,
+    batch_size: int = 1,
+    binary: bool = False,
+    post_processing: PostProcessing | None = None,
+    allow_unaligned: bool = False,
+    skip_done: bool = True,
+    io_threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] = log.warning,
+) -> SegmentationResult:
+    """Segment ``[start, end)`` (x,y,z, end-exclusive) of ``input_volume`` into ``output_volume``.
+
+    Everything is validated before the first voxel is written: block inside the image, tile
+    shapes valid for the model, output dims and dtype, chunk alignment (unless
+    ``allow_unaligned``) and the scaling factor.  ``progress(tiles_done, tiles_total)`` is
+    called after every batch.
+    """
+    from .unet import cached_predictor, read_model_weights
+
+    t_start = time.perf_counter()
+    weights = read_model_weights(model_path)  # fails fast on a bad model file
+    block, grid = plan_block(input_volume, start, end, input_shape, output_shape, weights.config.n_blocks)
+    check_output_volume(output_volume, input_volume.shape, binary)
+    if not allow_unaligned:
+        check_chunk_aligned(block, output_volume.chunks, output_volume.shape)
+    if batch_size < 1:
+        raise GeometryError(f"batch size {batch_size} must be >= 1")
+
+    executor = io_executor(io_threads)
+    try:
+        if scaling is None:
+            warn(
+                "no scaling factor given (-s): computing one from this block alone; blocks then get "
+                "different factors and the result shows seams between blocks. Pass a global -s."
+            )
+            scaling = block_scaling_factor(input_volume, block, grid.context, executor)
+        scaling = check_scaling_factor(scaling)
+        settings = {
+            "model_sha256": _file_digest(model_path),
+            "scaling": repr(float(scaling)),
+            "input": str(input_volume),
+            "tile": grid.input_shape,
+            "binary": binary,
+            "post_processing": asdict(post_processing) if post_processing else None,
+        }
+        fingerprint = run_fingerprint(settings)
+        n_tiles = grid.count(block)
+        if skip_done and block_is_done(output_volume, block, fingerprint):
+            return SegmentationResult(block, n_tiles, time.perf_counter() - t_start, scaling, skipped=True)
+        clear_block_done(output_volume, block)
+
+        predictor = cached_predictor(model_path, grid.input_shape, batch_size=batch_size, binary=binary)
+        result = SegmentationResult(block, n_tiles, 0.0, scaling)
+        result.flops = predictor.flops_per_tile() * n_tiles
+        out_dtype = np.dtype(np.uint8) if binary else np.dtype(np.float32)
+        rows = _OutputRows(output_volume, block, out_dtype, executor, keep_all=post_processing is not None)
+        factor = np.float32(scaling)
+
+        rx, ry, rz = grid.tile_indices(block)
+        done = 0
+
+        def slab_window(kz: int) -> Box:
+            lo = grid.input_box((rx[0], ry[0], kz))
+            hi = grid.input_box((rx[-1], ry[-1], kz))
+            return Box(lo.start, hi.end)
+
+        def read_slab(kz: int) -> tuple[Box, np.ndarray, float]:
+            t = time.perf_counter()
+            window = slab_window(kz)
+            return window, input_volume.read_reflect_zyx(window, executor), time.perf_counter() - t
+
+        next_slab = executor.submit(read_slab, rz[0])
+        for n_slab, kz in enumerate(rz):
+            window, data, read_s = next_slab.result()
+            result.read_seconds += read_s
+            if n_slab + 1 < len(rz):
+                next_slab = executor.submit(read_slab, rz[n_slab + 1])
+            owned_z = grid.owned((0, 0, kz)).intersect(Box((0, 0, block.start[2]), (1, 1, block.end[2])))
+            z0, z1 = owned_z.start[2], owned_z.end[2]
+            slab_out = rows.slab_buffer(z0, z1)
+            tiles = [(kx, ky, kz) for ky in ry for kx in rx]
+            for b in range(0, len(tiles), batch_size):
+                batch_idx = tiles[b : b + batch_size]
+                batch = np.zeros((batch_size, *grid.input_shape), dtype=np.float32)
+                for i, index in enumerate(batch_idx):
+                    sl = grid.input_box(index).slices(window.start)
+                    np.multiply(data[sl[::-1]].transpose(2, 1, 0), factor, out=batch[i], casting="unsafe")
+                t = time.perf_counter()
+                predicted = predictor.predict(batch)
+                result.compute_seconds += time.perf_counter() - t
+                for i, index in enumerate(batch_idx):
+                    out_box = grid.output_box(index)
+                    target = grid.owned(index).intersect(block)
+                    src = predicted[i][target.slices(out_box.start)]
+                    x_sl, y_sl, _ = target.slices(block.start)
+                    slab_out[:, y_sl, x_sl] = src.transpose(2, 1, 0)
+                done += len(batch_idx)
+                if progress:
+                    progress(done, n_tiles)
+            del data
+            rows.flush(z1)
+
+        if post_processing is not None:
+            t = time.perf_counter()
+            prob_xyz = rows.buffer.transpose(2, 1, 0)  # a view: post-processing works in place
+            post_process(
+                prob_xyz,
+                post_processing.high_threshold,
+                post_processing.low_threshold,
+                post_processing.small_region_probability_threshold,
+                post_processing.small_region_size_threshold,
+            )
+            result.compute_seconds += time.perf_counter() - t
+        rows.flush(block.end[2], final=True)
+        rows.wait()
+        result.write_seconds = rows.write_seconds
+        result.seconds = time.perf_counter() - t_start
+        mark_block_done(
+            output_volume,
+            block,
+            fingerprint,
+            {"block": [list(block.start), list(block.end)], "settings": settings, "seconds": result.seconds},
+        )
+        return result
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()

@@ -1,0 +1,323 @@
+"""Volume I/O for N5 and zarr v2 datasets, in x,y,z coordinates.
+
+A dataset is named the way the host pipeline names it: a *container* path plus a *dataset* path
+inside it (``-i /data/x.n5 -id /c1/s0``).  zarr exposes N5 arrays as z,y,x; this module
+converts at its boundary so that every caller sees x,y,z.
+
+Writes go chunk by chunk through a thread pool (gzip encoding releases the GIL), and zarr's
+directory stores write each chunk to a temporary file and rename it, so a chunk on disk is either
+the old one or the new one, never half of each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import OutputError, VolumeError
+from .geometry import XYZ, Box, format_xyz, reflect_index
+
+log = logging.getLogger(__name__)
+
+# Attributes carried from the input dataset to outputs (N5 viewers and the host read these).
+RESOLUTION_ATTRIBUTES = ("pixelResolution", "resolution", "downsamplingFactors", "units", "offset")
+
+
+def normalise_dataset_path(dataset: str) -> str:
+    """Strip leading and trailing slashes: ``/c1/s0/`` -> ``c1/s0``."""
+    return dataset.strip("/")
+
+
+def is_n5(container: str | Path) -> bool:
+    container = Path(container)
+    if container.suffix.lower() == ".n5":
+        return True
+    attrs = container / "attributes.json"
+    if attrs.is_file():
+        try:
+            return "n5" in json.loads(attrs.read_text() or "{}")
+        except ValueError:
+            return False
+    return False
+
+
+def _n5_store(container: str):
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():  # zarr 2 warns that N5Store will not be in zarr 3; we pin zarr 2
+        warnings.simplefilter("ignore", FutureWarning)
+        return zarr.N5Store(container)
+
+
+def _store(container: str | Path):
+    import zarr
+
+    container = str(container)
+    if is_n5(container):
+        return _n5_store(container)
+    return zarr.DirectoryStore(container)
+
+
+@dataclass
+class Volume:
+    """A 3-D dataset seen in x,y,z order."""
+
+    container: str
+    dataset: str
+    array: "object"  # zarr.Array, axes z,y,x
+
+    @property
+    def shape(self) -> XYZ:
+        return tuple(int(v) for v in reversed(self.array.shape))  # type: ignore[return-value]
+
+    @property
+    def chunks(self) -> XYZ:
+        return tuple(int(v) for v in reversed(self.array.chunks))  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.container) / self.dataset
+
+    @property
+    def box(self) -> Box:
+        return Box((0, 0, 0), self.shape)
+
+    def __str__(self) -> str:
+        return f"{self.container}:/{self.dataset}"
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def read_zyx(self, box: Box) -> np.ndarray:
+        """Read a box that lies inside the image, returned in storage order z,y,x."""
+        if not self.box.contains(box):
+            raise VolumeError(f"box {box} lies outside {self} of shape {format_xyz(self.shape)}")
+        (x0, y0, z0), (x1, y1, z1) = box.start, box.end
+        return self.array[z0:z1, y0:y1, x0:x1]
+
+    def read(self, box: Box) -> np.ndarray:
+        """Read a box inside the image as an x,y,z array (a transposed view)."""
+        return self.read_zyx(box).transpose(2, 1, 0)
+
+    def read_reflect_zyx(self, box: Box, executor: Executor | None = None) -> np.ndarray:
+        """Read any box in storage order; voxels outside the image are numpy-'reflect' padded.
+
+        This is the original tool's border rule (spec 4.3): the edge voxel is not repeated.
+        """
+        index = [reflect_index(np.arange(s, e), n) for s, e, n in zip(box.start, box.end, self.shape)]
+        lo = tuple(int(i.min()) for i in index)
+        hi = tuple(int(i.max()) + 1 for i in index)
+        inner = Box(lo, hi)  # type: ignore[arg-type]
+        data = self.read_chunked_zyx(inner, executor)
+        ix, iy, iz = (i - o for i, o in zip(index, lo))
+        if all(np.array_equal(i, np.arange(len(i))) for i in (ix, iy, iz)):
+            return data
+        return data[np.ix_(iz, iy, ix)]
+
+    def read_chunked_zyx(self, box: Box, executor: Executor | None = None) -> np.ndarray:
+        """Read a box inside the image, decoding chunk rows in parallel when an executor is given."""
+        if executor is None:
+            return self.read_zyx(box)
+        out = np.empty(box.shape[::-1], dtype=self.dtype)
+        pieces = list(split_by_chunks(box, self.chunks))
+
+        def load(piece: Box) -> None:
+            out[piece.slices(box.start)[::-1]] = self.read_zyx(piece)
+
+        for f in [executor.submit(load, p) for p in pieces]:
+            f.result()
+        return out
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def write_zyx(self, start: XYZ, data_zyx: np.ndarray) -> None:
+        """Write a z,y,x array whose first voxel lands at x,y,z ``start``."""
+        (x0, y0, z0) = start
+        z1, y1, x1 = z0 + data_zyx.shape[0], y0 + data_zyx.shape[1], x0 + data_zyx.shape[2]
+        try:
+            self.array[z0:z1, y0:y1, x0:x1] = data_zyx
+        except OSError as exc:
+            raise OutputError(f"cannot write to {self}: {exc}") from exc
+
+    def write_chunked_zyx(self, box: Box, data_zyx: np.ndarray, executor: Executor | None = None) -> None:
+        """Write ``data_zyx`` (the whole of ``box``) chunk by chunk, in parallel if possible."""
+        pieces = list(split_by_chunks(box, self.chunks))
+        if executor is None:
+            for piece in pieces:
+                self.write_zyx(piece.start, data_zyx[piece.slices(box.start)[::-1]])
+            return
+        futures = [
+            executor.submit(self.write_zyx, p.start, data_zyx[p.slices(box.start)[::-1]]) for p in pieces
+        ]
+        for f in futures:
+            f.result()
+
+
+def split_by_chunks(box: Box, chunks: XYZ) -> list[Box]:
+    """Cut ``box`` along the chunk grid (pieces in z,y,x storage order)."""
+    edges = []
+    for s, e, c in zip(box.start, box.end, chunks):
+        cuts = [s] + list(range((s // c + 1) * c, e, c)) + [e]
+        edges.append(list(zip(cuts[:-1], cuts[1:])))
+    return [
+        Box((x0, y0, z0), (x1, y1, z1))
+        for (z0, z1) in edges[2]
+        for (y0, y1) in edges[1]
+        for (x0, x1) in edges[0]
+    ]
+
+
+def open_volume(container: str | Path, dataset: str, mode: str = "r") -> Volume:
+    """Open ``container`` (N5 or zarr v2), then the dataset path inside it.
+
+    Raises :class:`VolumeError` when the container or dataset is missing or not a 3-D array.
+    """
+    import zarr
+
+    container = str(container)
+    dataset = normalise_dataset_path(dataset)
+    if not Path(container).is_dir():
+        raise VolumeError(f"container {container} does not exist (expected an N5 or zarr directory)")
+    try:
+        root = zarr.open(store=_store(container), mode=mode)
+    except (ValueError, KeyError, OSError) as exc:
+        raise VolumeError(f"container {container} is not a readable N5 or zarr container ({exc})") from exc
+    try:
+        node = root[dataset] if dataset else root
+    except KeyError:
+        available = _list_arrays(root)
+        hint = f"; datasets present: {', '.join('/' + a for a in available)}" if available else ""
+        raise VolumeError(f"dataset /{dataset} does not exist in {container}{hint}") from None
+    if not isinstance(node, zarr.Array):
+        available = _list_arrays(node)
+        hint = f"; arrays below it: {', '.join('/' + dataset + '/' + a for a in available)}" if available else ""
+        raise VolumeError(f"{container}:/{dataset} is a group, not a dataset{hint}")
+    if node.ndim != 3:
+        raise VolumeError(
+            f"{container}:/{dataset} has {node.ndim} dimensions {tuple(reversed(node.shape))}; a 3-D x,y,z volume is required"
+        )
+    return Volume(container, dataset, node)
+
+
+def _list_arrays(group, limit: int = 8) -> list[str]:
+    try:
+        names = [name for name, _ in group.arrays(recurse=True)] if hasattr(group, "arrays") else []
+    except Exception:  # noqa: BLE001 - a hint only
+        return []
+    return sorted(names)[:limit]
+
+
+def create_volume(
+    container: str | Path,
+    dataset: str,
+    shape: XYZ,
+    chunks: XYZ,
+    dtype: str | np.dtype,
+    attributes: dict | None = None,
+    compression_level: int = 6,
+    overwrite: bool = False,
+) -> Volume:
+    """Create a gzip-compressed 3-D dataset (x,y,z ``shape`` and ``chunks``).
+
+    An existing dataset is kept and reused if it has the same shape, chunks and dtype; anything
+    else raises :class:`OutputError` unless ``overwrite`` is true, in which case it is replaced.
+    """
+    import numcodecs
+    import zarr
+
+    dataset = normalise_dataset_path(dataset)
+    if not dataset:
+        raise OutputError("an output dataset path inside the container is required (e.g. /segmented/s0)")
+    dtype = np.dtype(dtype)
+    if not 1 <= compression_level <= 9:
+        raise OutputError(f"gzip compression level {compression_level} is not in 1..9")
+    container = str(container)
+    if is_n5(container) or not Path(container).exists():
+        # New containers are N5 unless they are named *.zarr.
+        if not Path(container).exists() and Path(container).suffix.lower() == ".zarr":
+            store = zarr.DirectoryStore(container)
+        else:
+            store = _n5_store(container)
+    else:
+        store = zarr.DirectoryStore(container)
+    try:
+        root = zarr.open_group(store=store, mode="a")
+        if dataset in root:
+            existing = root[dataset]
+            same = (
+                isinstance(existing, zarr.Array)
+                and tuple(reversed(existing.shape)) == tuple(shape)
+                and tuple(reversed(existing.chunks)) == tuple(chunks)
+                and np.dtype(existing.dtype) == dtype
+            )
+            if not overwrite:
+                if same:
+                    return Volume(container, dataset, existing)
+                desc = (
+                    f"shape {format_xyz(reversed(existing.shape))}, chunks {format_xyz(reversed(existing.chunks))}, {existing.dtype}"
+                    if isinstance(existing, zarr.Array)
+                    else "a group"
+                )
+                raise OutputError(
+                    f"{container}:/{dataset} already exists with {desc}, not shape {format_xyz(shape)}, "
+                    f"chunks {format_xyz(chunks)}, {dtype}; pass --overwrite to replace it"
+                )
+            del root[dataset]
+        array = root.create_dataset(
+            dataset,
+            shape=tuple(reversed(shape)),
+            chunks=tuple(reversed(chunks)),
+            dtype=dtype,
+            compressor=numcodecs.GZip(level=compression_level),
+            fill_value=0,
+        )
+        if attributes:
+            array.attrs.update({k: v for k, v in attributes.items() if k in RESOLUTION_ATTRIBUTES})
+    except OSError as exc:
+        raise OutputError(f"cannot create {container}:/{dataset}: {exc}") from exc
+    return Volume(container, dataset, array)
+
+
+def input_attributes(volume: Volume) -> dict:
+    """The resolution-like attributes of a dataset, to carry over to derived outputs."""
+    try:
+        attrs = dict(volume.array.attrs)
+    except (ValueError, KeyError):
+        return {}
+    return {k: v for k, v in attrs.items() if k in RESOLUTION_ATTRIBUTES}
+
+
+def default_io_threads() -> int:
+    return max(2, min(8, os.cpu_count() or 2))
+
+
+def io_executor(threads: int | None = None) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads or default_io_threads(), thread_name_prefix="volume-io")
+
+
+def check_output_volume(output: Volume, image_shape: XYZ, binary: bool) -> None:
+    """The output must have the input's x,y,z dims and a dtype that can hold the result."""
+    if output.shape != tuple(image_shape):
+        raise OutputError(
+            f"output dataset {output} has dims {format_xyz(output.shape)}, but the input has {format_xyz(image_shape)}; "
+            "create it with create_volume.py from the input"
+        )
+    if not binary and output.dtype.kind not in "f":
+        raise OutputError(
+            f"output dataset {output} is {output.dtype}: probabilities in [0,1] need a float dataset "
+            "(float32), or pass --as_binary_mask for a 0/1 mask"
+        )
+    if binary and output.dtype.kind not in "uif":
+        raise OutputError(f"output dataset {output} is {output.dtype}; a binary mask needs uint8 (or any numeric type)")
