@@ -61,7 +61,7 @@ def scaling_factor(
         typer.echo("No scaling factor could be computed for any of the selected tiles")
     else:
         dropped = len(result.factors) - len(result.valid_factors)
-        typer.echo(f"tile-wise scaling factors {result.factors} ({dropped} without a histogram slope dropped)")
+        typer.echo(f"tile-wise scaling factors {result.factors} ({dropped} without a usable histogram slope dropped)")
     typer.echo(f"Completed scaling factor computation in {time.perf_counter() - t0:.1f} seconds")
     typer.echo(result.summary_line())
 

@@ -7,7 +7,6 @@ short names; kebab-case aliases are accepted too.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import typer
@@ -56,8 +55,6 @@ def segment_volume(
         target = open_volume(output, output_dataset, mode="r+")
     except Exception as exc:  # noqa: BLE001 - reworded with the fix
         fail(f"{exc}; create the output dataset first with create_volume.py")
-    if not os.access(target.path, os.W_OK):
-        fail(f"output dataset {target} is not writable")
     if set_gpu_mem_growth:
         import tensorflow as tf
 

@@ -112,7 +112,7 @@ def plot_fit(fit: ScalingFit, path: str | Path, title: str | None = None) -> Non
 
 @dataclass
 class VolumeScaling:
-    """Per-tile factors from sampled tiles and their mean (NaN tiles dropped)."""
+    """Per-tile factors from sampled tiles and their mean (unusable tiles dropped)."""
 
     factors: list[float]
     selected: int
@@ -120,7 +120,9 @@ class VolumeScaling:
 
     @property
     def valid_factors(self) -> list[float]:
-        return [f for f in self.factors if math.isfinite(f)]
+        """Finite positive factors; NaN (no slope) and non-positive ones (a histogram that rises,
+        e.g. a tiny edge tile) would corrupt the mean and are dropped."""
+        return [f for f in self.factors if math.isfinite(f) and f > 0]
 
     @property
     def mean(self) -> float | None:

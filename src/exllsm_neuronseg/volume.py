@@ -195,6 +195,8 @@ def open_volume(container: str | Path, dataset: str, mode: str = "r") -> Volume:
     except (ValueError, KeyError, OSError) as exc:
         raise VolumeError(f"container {container} is not a readable N5 or zarr container ({exc})") from exc
     try:
+        if dataset and not (Path(container) / dataset).is_dir():
+            raise KeyError(dataset)
         node = root[dataset] if dataset else root
     except KeyError:
         available = _list_arrays(root)
@@ -212,11 +214,20 @@ def open_volume(container: str | Path, dataset: str, mode: str = "r") -> Volume:
 
 
 def _list_arrays(group, limit: int = 8) -> list[str]:
+    """Paths of the arrays below a group (for error hints)."""
+    import zarr
+
+    found: list[str] = []
+
+    def visit(name: str, node) -> None:
+        if isinstance(node, zarr.Array):
+            found.append(name)
+
     try:
-        names = [name for name, _ in group.arrays(recurse=True)] if hasattr(group, "arrays") else []
+        group.visititems(visit)
     except Exception:  # noqa: BLE001 - a hint only
         return []
-    return sorted(names)[:limit]
+    return sorted(found)[:limit]
 
 
 def create_volume(
@@ -321,3 +332,5 @@ def check_output_volume(output: Volume, image_shape: XYZ, binary: bool) -> None:
         )
     if binary and output.dtype.kind not in "uif":
         raise OutputError(f"output dataset {output} is {output.dtype}; a binary mask needs uint8 (or any numeric type)")
+    if not os.access(output.path, os.W_OK):
+        raise OutputError(f"output dataset {output} is not writable (check permissions of {output.path})")

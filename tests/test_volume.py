@@ -1,0 +1,77 @@
+"""Volume I/O: N5 and zarr v2 containers, x,y,z order, reflect reads, dataset creation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from exllsm_neuronseg.errors import OutputError, VolumeError
+from exllsm_neuronseg.geometry import Box
+from exllsm_neuronseg.volume import create_volume, input_attributes, io_executor, open_volume
+
+
+@pytest.fixture(params=["n5", "zarr"])
+def container(request, tmp_path):
+    return tmp_path / f"data.{request.param}"
+
+
+def test_roundtrip_in_xyz(container):
+    data = np.arange(20 * 12 * 7, dtype=np.uint16).reshape(20, 12, 7)  # x,y,z
+    vol = create_volume(container, "/c1/s0/", data.shape, (8, 8, 4), "uint16")
+    vol.write_chunked_zyx(Box((0, 0, 0), data.shape), data.transpose(2, 1, 0), io_executor(2))
+    again = open_volume(container, "c1/s0")
+    assert again.shape == (20, 12, 7) and again.chunks == (8, 8, 4) and again.dtype == np.uint16
+    np.testing.assert_array_equal(again.read(Box((3, 2, 1), (17, 12, 6))), data[3:17, 2:12, 1:6])
+
+
+def test_n5_metadata_is_x_y_z(tmp_path):
+    vol = create_volume(tmp_path / "a.n5", "s0", (30, 20, 10), (16, 8, 4), "float32")
+    attrs = json.loads((vol.path / "attributes.json").read_text())
+    assert attrs["dimensions"] == [30, 20, 10] and attrs["blockSize"] == [16, 8, 4]
+    assert attrs["compression"]["type"] == "gzip" and attrs["dataType"] == "float32"
+
+
+def test_reflect_read_matches_numpy_pad(tmp_path):
+    data = np.random.default_rng(0).integers(0, 1000, (20, 15, 10)).astype(np.uint16)
+    vol = create_volume(tmp_path / "r.n5", "s0", data.shape, (7, 7, 7), "uint16")
+    vol.write_chunked_zyx(Box((0, 0, 0), data.shape), data.transpose(2, 1, 0))
+    box = Box((-5, 3, -9), (25, 15, 19))
+    got = vol.read_reflect_zyx(box, io_executor(2)).transpose(2, 1, 0)
+    expected = np.pad(data, ((5, 5), (0, 0), (9, 9)), mode="reflect")[:, 3:15, :]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_missing_things_are_named(tmp_path):
+    with pytest.raises(VolumeError, match="does not exist"):
+        open_volume(tmp_path / "nope.n5", "s0")
+    create_volume(tmp_path / "a.n5", "c1/s0", (8, 8, 8), (4, 4, 4), "uint8")
+    with pytest.raises(VolumeError, match=r"dataset /c2/s0 does not exist.*/c1/s0"):
+        open_volume(tmp_path / "a.n5", "/c2/s0")
+    with pytest.raises(VolumeError, match="is a group, not a dataset"):
+        open_volume(tmp_path / "a.n5", "/c1")
+
+
+def test_not_3d(tmp_path):
+    import zarr
+
+    zarr.open(str(tmp_path / "x.zarr"), mode="w", shape=(4, 4), dtype="u1")
+    with pytest.raises(VolumeError, match="2 dimensions"):
+        open_volume(tmp_path / "x.zarr", "")
+
+
+def test_create_keeps_compatible_and_refuses_incompatible(tmp_path):
+    vol = create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "float32")
+    vol.write_zyx((0, 0, 0), np.ones((8, 8, 8), np.float32))
+    same = create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "float32")
+    assert same.read(Box((0, 0, 0), (8, 8, 8))).sum() == 512  # data kept: re-runs keep finished blocks
+    with pytest.raises(OutputError, match="already exists.*--overwrite"):
+        create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "uint8")
+    fresh = create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "uint8", overwrite=True)
+    assert fresh.dtype == np.uint8 and fresh.read(Box((0, 0, 0), (8, 8, 8))).sum() == 0
+
+
+def test_resolution_attributes_carry_over(tmp_path):
+    src = create_volume(tmp_path / "i.n5", "s0", (8, 8, 8), (4, 4, 4), "uint16", attributes={"pixelResolution": [0.1, 0.1, 0.2], "other": 1})
+    assert input_attributes(src) == {"pixelResolution": [0.1, 0.1, 0.2]}
