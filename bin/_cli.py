@@ -49,7 +49,8 @@ def run(app: typer.Typer) -> None:
     try:
         app()
     except NeuronSegError as exc:
-        fail(str(exc))
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
 
 
 class Progress:
