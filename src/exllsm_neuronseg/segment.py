@@ -131,24 +131,40 @@ def block_scaling_factor(volume: Volume, block: Box, context: XYZ, executor=None
 
 
 class _OutputRows:
-    """Collects predicted z-slabs of a block and writes whole chunk rows as soon as they are complete."""
+    """Collects predicted z-slabs of a block and writes whole chunk rows as soon as they are complete.
+
+    Slabs are kept as separate arrays (no re-allocation as the block grows); a chunk row that
+    spans two slabs is joined when it is written.  With ``keep_all`` (post-processing needs the
+    whole block) nothing is written before ``flush(final=True)``.
+    """
 
     def __init__(self, output: Volume, block: Box, dtype: np.dtype, executor, keep_all: bool) -> None:
         self.output, self.block, self.dtype, self.executor = output, block, dtype, executor
         self.keep_all = keep_all
         self.z0 = block.start[2]  # first z not yet written
-        self.buffer = np.zeros((0, block.shape[1], block.shape[0]), dtype=dtype)
+        self.slabs: list[tuple[int, np.ndarray]] = []  # (first z, z,y,x array), in z order
         self.pending: list[Future] = []
         self.write_seconds = 0.0
 
-    def slab_buffer(self, z0: int, z1: int) -> np.ndarray:
-        """Make rows ``[.., z1)`` available and return the view for ``[z0, z1)``."""
-        have = self.z0 + self.buffer.shape[0]
-        if z1 > have:
-            grown = np.zeros((z1 - self.z0, *self.buffer.shape[1:]), dtype=self.dtype)
-            grown[: self.buffer.shape[0]] = self.buffer
-            self.buffer = grown
-        return self.buffer[z0 - self.z0 : z1 - self.z0]
+    def new_slab(self, z0: int, z1: int) -> np.ndarray:
+        slab = np.zeros((z1 - z0, self.block.shape[1], self.block.shape[0]), dtype=self.dtype)
+        self.slabs.append((z0, slab))
+        return slab
+
+    def rows(self, z0: int, z1: int) -> np.ndarray:
+        """The z,y,x rows ``[z0, z1)`` (a view when they lie in one slab)."""
+        parts = []
+        for s0, slab in self.slabs:
+            a, b = max(z0, s0), min(z1, s0 + slab.shape[0])
+            if a < b:
+                parts.append(slab[a - s0 : b - s0])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def whole(self) -> np.ndarray:
+        """All rows of the block as one z,y,x array (joins the slabs once)."""
+        data = self.rows(self.block.start[2], self.block.end[2])
+        self.slabs = [(self.block.start[2], data)]
+        return data
 
     def flush(self, complete_to: int, final: bool = False) -> None:
         """Write every whole chunk row below ``complete_to`` (everything when ``final``)."""
@@ -159,13 +175,24 @@ class _OutputRows:
         end = min(end, self.block.end[2])
         if end <= self.z0:
             return
-        rows = self.buffer[: end - self.z0]
         box = Box((self.block.start[0], self.block.start[1], self.z0), (self.block.end[0], self.block.end[1], end))
-        for piece in split_by_chunks(box, self.output.chunks):
-            data = rows[piece.slices(box.start)[::-1]]
-            self.pending.append(self.executor.submit(self._write, piece.start, data))
-        self.buffer = self.buffer[end - self.z0 :].copy()
+        cuts = [self.z0, *range((self.z0 // cz + 1) * cz, end, cz), end]
+        for r0, r1 in zip(cuts[:-1], cuts[1:]):
+            row = Box((box.start[0], box.start[1], r0), (box.end[0], box.end[1], r1))
+            data = self.rows(r0, r1)
+            for piece in split_by_chunks(row, self.output.chunks):
+                part = data[piece.slices(row.start)[::-1]]
+                self.pending.append(self.executor.submit(self._write, piece.start, part))
         self.z0 = end
+        # slabs wholly written are dropped here; running writes keep their views alive until done
+        self.slabs = [(s0, slab) for s0, slab in self.slabs if s0 + slab.shape[0] > end]
+        running = []
+        for f in self.pending:
+            if f.done():
+                f.result()  # a failed write stops the block now, before more work is done
+            else:
+                running.append(f)
+        self.pending = running
 
     def _write(self, start: XYZ, data_zyx: np.ndarray) -> None:
         t = time.perf_counter()
@@ -282,7 +309,7 @@ def segment_block(
                 next_slab = executor.submit(read_slab, rz[n_slab + 1])
             owned_z = grid.owned((0, 0, kz)).intersect(Box((0, 0, block.start[2]), (1, 1, block.end[2])))
             z0, z1 = owned_z.start[2], owned_z.end[2]
-            slab_out = rows.slab_buffer(z0, z1)
+            slab_out = rows.new_slab(z0, z1)
             tiles = [(kx, ky, kz) for ky in ry for kx in rx]
             for b in range(0, len(tiles), batch_size):
                 batch_idx = tiles[b : b + batch_size]
@@ -307,7 +334,7 @@ def segment_block(
 
         if post_processing is not None:
             t = time.perf_counter()
-            prob_xyz = rows.buffer.transpose(2, 1, 0)  # a view: post-processing works in place
+            prob_xyz = rows.whole().transpose(2, 1, 0)  # a view: post-processing works in place
             post_process(
                 prob_xyz,
                 post_processing.high_threshold,

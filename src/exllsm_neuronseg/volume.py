@@ -114,30 +114,51 @@ class Volume:
     def read_reflect_zyx(self, box: Box, executor: Executor | None = None) -> np.ndarray:
         """Read any box in storage order; voxels outside the image are numpy-'reflect' padded.
 
-        This is the original tool's border rule (spec 4.3): the edge voxel is not repeated.
+        This is the original tool's border rule (spec 4.3) applied to the whole image: the edge
+        voxel is not repeated, and the values do not depend on which box is asked for.
         """
         index = [reflect_index(np.arange(s, e), n) for s, e, n in zip(box.start, box.end, self.shape)]
-        lo = tuple(int(i.min()) for i in index)
-        hi = tuple(int(i.max()) + 1 for i in index)
-        inner = Box(lo, hi)  # type: ignore[arg-type]
-        data = self.read_chunked_zyx(inner, executor)
-        ix, iy, iz = (i - o for i, o in zip(index, lo))
-        if all(np.array_equal(i, np.arange(len(i))) for i in (ix, iy, iz)):
-            return data
-        return data[np.ix_(iz, iy, ix)]
-
-    def read_chunked_zyx(self, box: Box, executor: Executor | None = None) -> np.ndarray:
-        """Read a box inside the image, decoding chunk rows in parallel when an executor is given."""
-        if executor is None:
-            return self.read_zyx(box)
+        inner = Box(
+            tuple(int(i.min()) for i in index),  # type: ignore[arg-type]
+            tuple(int(i.max()) + 1 for i in index),  # type: ignore[arg-type]
+        )
+        if inner == box:
+            return self.read_chunked_zyx(box, executor)
+        if not box.contains(inner):  # reflections reach beyond the box: gather (rare, small boxes)
+            data = self.read_chunked_zyx(inner, executor)
+            ix, iy, iz = (i - o for i, o in zip(index, inner.start))
+            return data[np.ix_(iz, iy, ix)]
+        # Read straight into the padded array, then fill the pads axis by axis (as np.pad does).
         out = np.empty(box.shape[::-1], dtype=self.dtype)
+        self.read_chunked_zyx(inner, executor, out=out[inner.slices(box.start)[::-1]])
+        for axis_xyz, idx in enumerate(index):
+            axis = 2 - axis_xyz
+            local = idx - box.start[axis_xyz]
+            pads = np.nonzero(local != np.arange(len(idx)))[0]
+            if len(pads):
+                source = np.take(out, local[pads], axis=axis)
+                target = [slice(None)] * 3
+                target[axis] = pads
+                out[tuple(target)] = source
+        return out
+
+    def read_chunked_zyx(self, box: Box, executor: Executor | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Read a box inside the image (into ``out`` if given), decoding chunks in parallel with an executor."""
+        if out is None:
+            if executor is None:
+                return self.read_zyx(box)
+            out = np.empty(box.shape[::-1], dtype=self.dtype)
         pieces = list(split_by_chunks(box, self.chunks))
 
         def load(piece: Box) -> None:
             out[piece.slices(box.start)[::-1]] = self.read_zyx(piece)
 
-        for f in [executor.submit(load, p) for p in pieces]:
-            f.result()
+        if executor is None:
+            for p in pieces:
+                load(p)
+        else:
+            for f in [executor.submit(load, p) for p in pieces]:
+                f.result()
         return out
 
     # ---- writing ---------------------------------------------------------------------------
@@ -237,7 +258,7 @@ def create_volume(
     chunks: XYZ,
     dtype: str | np.dtype,
     attributes: dict | None = None,
-    compression_level: int = 6,
+    compression_level: int = 1,
     overwrite: bool = False,
 ) -> Volume:
     """Create a gzip-compressed 3-D dataset (x,y,z ``shape`` and ``chunks``).
