@@ -56,11 +56,11 @@ def run(app: typer.Typer) -> None:
 class Progress:
     """Tiles (or tiles of blocks) done with a rate, on stderr; a tqdm bar when stderr is a terminal."""
 
-    def __init__(self, unit: str, voxels_per_item: float = 0.0, enabled: bool = True) -> None:
+    def __init__(self, unit: str, total_voxels: float = 0.0, enabled: bool = True) -> None:
         from tqdm import tqdm
 
         self.bar = None
-        self.unit, self.voxels_per_item, self.enabled = unit, voxels_per_item, enabled
+        self.unit, self.total_voxels, self.enabled = unit, total_voxels, enabled
         self.t0 = time.perf_counter()
         self.tqdm = tqdm
         self.last_print = 0.0
@@ -78,8 +78,9 @@ class Progress:
             )
         self.bar.update(done - self.bar.n)
         elapsed = time.perf_counter() - self.t0
-        if self.voxels_per_item and elapsed > 0:
-            self.bar.set_postfix_str(f"{done * self.voxels_per_item / elapsed / 1e6:.2f} Mvox/s", refresh=False)
+        if self.total_voxels and elapsed > 0:
+            rate = done / total * self.total_voxels / elapsed / 1e6
+            self.bar.set_postfix_str(f"{rate:.2f} Mvox/s", refresh=False)
         if done >= total:
             self.close()
 

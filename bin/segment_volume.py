@@ -42,6 +42,8 @@ def segment_volume(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     version: bool = VersionOption,
 ) -> None:
+    import numpy as np
+
     from exllsm_neuronseg.geometry import format_xyz, parse_xyz
     from exllsm_neuronseg.segment import PostProcessing, segment_block
     from exllsm_neuronseg.volume import open_volume
@@ -67,7 +69,7 @@ def segment_volume(
     )
     tile_in = parse_xyz(model_input_shape, "--model_input_shape")
     tile_out = parse_xyz(model_output_shape, "--model_output_shape") if model_output_shape else None
-    bar = Progress("tile", enabled=progress)
+    bar = Progress("tile", total_voxels=float(np.prod(np.subtract(block_end, block_start))), enabled=progress)
     result = segment_block(
         source,
         target,

@@ -43,6 +43,15 @@ def test_reflect_read_matches_numpy_pad(tmp_path):
     np.testing.assert_array_equal(got, expected)
 
 
+def test_reflect_read_reaching_past_the_box(tmp_path):
+    """A box near the far edge whose reflections fall outside the box itself."""
+    data = np.arange(20, dtype=np.uint16).reshape(20, 1, 1) * np.ones((1, 3, 3), np.uint16)
+    vol = create_volume(tmp_path / "e.n5", "s0", data.shape, (8, 8, 8), "uint16")
+    vol.write_chunked_zyx(Box((0, 0, 0), data.shape), data.transpose(2, 1, 0))
+    got = vol.read_reflect_zyx(Box((15, 0, 0), (30, 3, 3))).transpose(2, 1, 0)
+    np.testing.assert_array_equal(got[:, 0, 0], np.pad(data[:, 0, 0], (0, 10), mode="reflect")[15:])
+
+
 def test_missing_things_are_named(tmp_path):
     with pytest.raises(VolumeError, match="does not exist"):
         open_volume(tmp_path / "nope.n5", "s0")
