@@ -2,9 +2,9 @@
 
 ``segment_block`` predicts one block ``[start, end)`` of an input dataset into an output dataset.
 Tiles sit on a global grid (see :mod:`.geometry`), so the result does not depend on how the
-volume is cut into blocks.  Tiles stream slab by slab (z slowest, the N5 storage order): the next
-slab's input is read while the current one is predicted, and finished output chunk rows are
-encoded and written by a thread pool while prediction goes on.  Peak memory is one slab of
+volume is cut into blocks.  Tiles stream row by row (x fastest, z slowest: the N5 storage order): the
+next row's input is read while the current one is predicted, and finished output chunk rows are
+encoded and written by a thread pool while prediction goes on.  Peak memory is two rows of
 input, one chunk row plus one slab of output, and the model's working set for one batch.
 """
 
@@ -291,45 +291,48 @@ def segment_block(
         rx, ry, rz = grid.tile_indices(block)
         done = 0
 
-        def slab_window(kz: int) -> Box:
-            lo = grid.input_box((rx[0], ry[0], kz))
-            hi = grid.input_box((rx[-1], ry[-1], kz))
-            return Box(lo.start, hi.end)
+        def row_window(ky: int, kz: int) -> Box:
+            """Input of one row of tiles along x (rows are read one ahead of the computation)."""
+            return Box(grid.input_box((rx[0], ky, kz)).start, grid.input_box((rx[-1], ky, kz)).end)
 
-        def read_slab(kz: int) -> tuple[Box, np.ndarray, float]:
+        def read_row(ky: int, kz: int) -> tuple[Box, np.ndarray, float]:
             t = time.perf_counter()
-            window = slab_window(kz)
+            window = row_window(ky, kz)
             return window, input_volume.read_reflect_zyx(window, executor), time.perf_counter() - t
 
-        next_slab = executor.submit(read_slab, rz[0])
-        for n_slab, kz in enumerate(rz):
-            window, data, read_s = next_slab.result()
-            result.read_seconds += read_s
-            if n_slab + 1 < len(rz):
-                next_slab = executor.submit(read_slab, rz[n_slab + 1])
+        row_order = [(ky, kz) for kz in rz for ky in ry]
+        next_row = executor.submit(read_row, *row_order[0])
+        n_row = 0
+        for kz in rz:
             owned_z = grid.owned((0, 0, kz)).intersect(Box((0, 0, block.start[2]), (1, 1, block.end[2])))
             z0, z1 = owned_z.start[2], owned_z.end[2]
             slab_out = rows.new_slab(z0, z1)
-            tiles = [(kx, ky, kz) for ky in ry for kx in rx]
-            for b in range(0, len(tiles), batch_size):
-                batch_idx = tiles[b : b + batch_size]
-                batch = np.zeros((batch_size, *grid.input_shape), dtype=np.float32)
-                for i, index in enumerate(batch_idx):
-                    sl = grid.input_box(index).slices(window.start)
-                    np.multiply(data[sl[::-1]].transpose(2, 1, 0), factor, out=batch[i], casting="unsafe")
-                t = time.perf_counter()
-                predicted = predictor.predict(batch)
-                result.compute_seconds += time.perf_counter() - t
-                for i, index in enumerate(batch_idx):
-                    out_box = grid.output_box(index)
-                    target = grid.owned(index).intersect(block)
-                    src = predicted[i][target.slices(out_box.start)]
-                    x_sl, y_sl, _ = target.slices(block.start)
-                    slab_out[:, y_sl, x_sl] = src.transpose(2, 1, 0)
-                done += len(batch_idx)
-                if progress:
-                    progress(done, n_tiles)
-            del data
+            for ky in ry:
+                window, data, read_s = next_row.result()
+                result.read_seconds += read_s
+                n_row += 1
+                if n_row < len(row_order):
+                    next_row = executor.submit(read_row, *row_order[n_row])
+                tiles = [(kx, ky, kz) for kx in rx]
+                for b in range(0, len(tiles), batch_size):
+                    batch_idx = tiles[b : b + batch_size]
+                    batch = np.zeros((batch_size, *grid.input_shape), dtype=np.float32)
+                    for i, index in enumerate(batch_idx):
+                        sl = grid.input_box(index).slices(window.start)
+                        np.multiply(data[sl[::-1]].transpose(2, 1, 0), factor, out=batch[i], casting="unsafe")
+                    t = time.perf_counter()
+                    predicted = predictor.predict(batch)
+                    result.compute_seconds += time.perf_counter() - t
+                    for i, index in enumerate(batch_idx):
+                        out_box = grid.output_box(index)
+                        target = grid.owned(index).intersect(block)
+                        src = predicted[i][target.slices(out_box.start)]
+                        x_sl, y_sl, _ = target.slices(block.start)
+                        slab_out[:, y_sl, x_sl] = src.transpose(2, 1, 0)
+                    done += len(batch_idx)
+                    if progress:
+                        progress(done, n_tiles)
+                del data
             rows.flush(z1)
 
         if post_processing is not None:

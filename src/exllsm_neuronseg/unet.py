@@ -323,7 +323,7 @@ def build_unet(
 
     def cropped(skip, level: int):
         # Crop each skip as soon as it exists: the full-size tensor is freed right after pooling
-        # instead of living until the decoder needs its centre (saves ~40% peak memory).
+        # instead of living until the decoder needs its centre.
         amounts = tuple((c[level] // 2, c[level] - c[level] // 2) for c in crops)
         return keras.layers.Cropping3D(amounts, name=f"skip_crop_{level}")(skip)
 
