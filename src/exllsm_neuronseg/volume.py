@@ -21,10 +21,12 @@ from typing import Sequence
 
 import numpy as np
 
+from . import codecs
 from .errors import OutputError, VolumeError
 from .geometry import XYZ, Box, format_xyz, reflect_index
 
 log = logging.getLogger(__name__)
+codecs.install()  # ISA-L gzip/zlib: same streams, ~10x faster encoding
 
 # Attributes carried from the input dataset to outputs (N5 viewers and the host read these).
 RESOLUTION_ATTRIBUTES = ("pixelResolution", "resolution", "downsamplingFactors", "units", "offset")
@@ -266,7 +268,6 @@ def create_volume(
     An existing dataset is kept and reused if it has the same shape, chunks and dtype; anything
     else raises :class:`OutputError` unless ``overwrite`` is true, in which case it is replaced.
     """
-    import numcodecs
     import zarr
 
     dataset = normalise_dataset_path(dataset)
@@ -312,7 +313,7 @@ def create_volume(
             shape=tuple(reversed(shape)),
             chunks=tuple(reversed(chunks)),
             dtype=dtype,
-            compressor=numcodecs.GZip(level=compression_level),
+            compressor=codecs.IsalGZip(level=compression_level),
             fill_value=0,
         )
         if attributes:
