@@ -157,3 +157,11 @@ def test_save_and_reload_roundtrip(tmp_path, model_path):
         for (k1, b1), (k2, b2) in zip(pairs, again.layers[name]):
             np.testing.assert_array_equal(k1, k2)
             np.testing.assert_array_equal(b1, b2)
+
+
+def test_zyx_predictor_is_the_same_function(model_path, golden_probability):
+    """Mirrored kernels on z,y,x arrays give the x,y,z model's output, transposed."""
+    from exllsm_neuronseg.unet import cached_predictor
+
+    p = cached_predictor(model_path, (220, 220, 220), axes="zyx").predict(golden_input().transpose(2, 1, 0))[0]
+    np.testing.assert_allclose(p.transpose(2, 1, 0), golden_probability, atol=1e-5)

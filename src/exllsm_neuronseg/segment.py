@@ -281,7 +281,7 @@ def segment_block(
             return SegmentationResult(block, n_tiles, time.perf_counter() - t_start, scaling, skipped=True)
         clear_block_done(output_volume, block)
 
-        predictor = cached_predictor(model_path, grid.input_shape, batch_size=batch_size, binary=binary)
+        predictor = cached_predictor(model_path, grid.input_shape, batch_size=batch_size, binary=binary, axes="zyx")
         result = SegmentationResult(block, n_tiles, 0.0, scaling)
         result.flops = predictor.flops_per_tile() * n_tiles
         out_dtype = np.dtype(np.uint8) if binary else np.dtype(np.float32)
@@ -316,19 +316,19 @@ def segment_block(
                 tiles = [(kx, ky, kz) for kx in rx]
                 for b in range(0, len(tiles), batch_size):
                     batch_idx = tiles[b : b + batch_size]
-                    batch = np.zeros((batch_size, *grid.input_shape), dtype=np.float32)
+                    # tiles stay in z,y,x storage order: the predictor's kernels are mirrored instead
+                    batch = np.zeros((batch_size, *grid.input_shape[::-1]), dtype=np.float32)
                     for i, index in enumerate(batch_idx):
                         sl = grid.input_box(index).slices(window.start)
-                        np.multiply(data[sl[::-1]].transpose(2, 1, 0), factor, out=batch[i], casting="unsafe")
+                        np.multiply(data[sl[::-1]], factor, out=batch[i], casting="unsafe")
                     t = time.perf_counter()
                     predicted = predictor.predict(batch)
                     result.compute_seconds += time.perf_counter() - t
                     for i, index in enumerate(batch_idx):
                         out_box = grid.output_box(index)
                         target = grid.owned(index).intersect(block)
-                        src = predicted[i][target.slices(out_box.start)]
                         x_sl, y_sl, _ = target.slices(block.start)
-                        slab_out[:, y_sl, x_sl] = src.transpose(2, 1, 0)
+                        slab_out[:, y_sl, x_sl] = predicted[i][target.slices(out_box.start)[::-1]]
                     done += len(batch_idx)
                     if progress:
                         progress(done, n_tiles)

@@ -365,8 +365,14 @@ class ModelWeights:
     # layer name -> list of (kernel, bias) pairs in file order
     layers: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
-    def apply_to(self, model: "keras.Model") -> None:
-        """Assign these weights to a model built by :func:`build_unet` (any tile size)."""
+    def apply_to(self, model: "keras.Model", axes: str = "xyz") -> None:
+        """Assign these weights to a model built by :func:`build_unet` (any tile size).
+
+        With ``axes="zyx"`` the kernels' spatial axes are reversed, so the model takes arrays in
+        z,y,x (N5 storage) order and computes the same function without transposing any data.
+        """
+        if axes not in ("xyz", "zyx"):
+            raise ValueError(f"axes must be 'xyz' or 'zyx', got {axes!r}")
         for layer in model.layers:
             if not hasattr(layer, "weight_layers"):
                 continue
@@ -385,6 +391,8 @@ class ModelWeights:
                         f"{self.path}: layer {layer.name!r} has a kernel of shape {kernel.shape}, "
                         f"expected {want}; not this U-Net"
                     )
+                if axes == "zyx":
+                    kernel = np.ascontiguousarray(kernel.transpose(2, 1, 0, 3, 4))
                 target.set_weights([kernel, bias])
 
 
@@ -522,16 +530,16 @@ def save_unet(model: "keras.Model", path: str | Path, config: UNetConfig) -> Non
 
 
 def cached_predictor(
-    model_path: str | Path, input_shape: Sequence[int], batch_size: int = 1, binary: bool = False
+    model_path: str | Path, input_shape: Sequence[int], batch_size: int = 1, binary: bool = False, axes: str = "xyz"
 ) -> "TilePredictor":
     """A :class:`TilePredictor`, reused while the model file is unchanged (building one takes seconds)."""
     stat = Path(model_path).stat()
-    key = (str(Path(model_path).resolve()), stat.st_mtime_ns, stat.st_size, tuple(input_shape), batch_size, binary)
+    key = (str(Path(model_path).resolve()), stat.st_mtime_ns, stat.st_size, tuple(input_shape), batch_size, binary, axes)
     predictor = _PREDICTORS.get(key)
     if predictor is None:
         if len(_PREDICTORS) >= 4:
             _PREDICTORS.pop(next(iter(_PREDICTORS)))
-        predictor = _PREDICTORS[key] = TilePredictor(model_path, input_shape, batch_size, binary)
+        predictor = _PREDICTORS[key] = TilePredictor(model_path, input_shape, batch_size, binary, axes)
     return predictor
 
 
@@ -543,7 +551,8 @@ class TilePredictor:
 
     ``predict(batch)`` takes float32 ``(n, x, y, z)`` tiles (already scaled) and returns the
     neuron probability (softmax channel 1, float32) or, with ``binary=True``, the argmax as
-    uint8 0/1, of shape ``(n, *output_shape)``.
+    uint8 0/1, of shape ``(n, *output_shape)``.  With ``axes="zyx"`` tiles and results are in
+    z,y,x order instead (the model's kernels are mirrored; ``input_shape`` stays x,y,z).
     """
 
     def __init__(
@@ -552,6 +561,7 @@ class TilePredictor:
         input_shape: Sequence[int],
         batch_size: int = 1,
         binary: bool = False,
+        axes: str = "xyz",
     ) -> None:
         import tensorflow as tf
 
@@ -560,10 +570,12 @@ class TilePredictor:
         self.input_shape, self.output_shape = check_tile_shapes(input_shape, None, weights.config.n_blocks)
         self.batch_size = int(batch_size)
         self.binary = binary
-        self.model = build_unet(self.input_shape, weights.config)
-        weights.apply_to(self.model)
+        self.axes = axes
+        array_shape = self.input_shape if axes == "xyz" else self.input_shape[::-1]
+        self.model = build_unet(array_shape, weights.config)
+        weights.apply_to(self.model, axes)
         model = self.model
-        signature = [tf.TensorSpec([None, *self.input_shape], tf.float32)]
+        signature = [tf.TensorSpec([None, *array_shape], tf.float32)]
 
         @tf.function(input_signature=signature, jit_compile=False)
         def _run(x):
