@@ -575,7 +575,8 @@ class TilePredictor:
         self.model = build_unet(array_shape, weights.config)
         weights.apply_to(self.model, axes)
         model = self.model
-        signature = [tf.TensorSpec([None, *array_shape], tf.float32)]
+        # One fixed input shape: one traced graph, and every tile runs through identical kernels.
+        signature = [tf.TensorSpec([self.batch_size, *array_shape], tf.float32)]
 
         @tf.function(input_signature=signature, jit_compile=False)
         def _run(x):
@@ -591,9 +592,15 @@ class TilePredictor:
         return tuple((i - o) // 2 for i, o in zip(self.input_shape, self.output_shape))  # type: ignore
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """Predict ``n <= batch_size`` tiles (a short batch is padded with zeros and cut again)."""
         if tiles.ndim == 3:
             tiles = tiles[None]
-        return self._run(np.ascontiguousarray(tiles, dtype=np.float32)).numpy()
+        n = tiles.shape[0]
+        if n > self.batch_size:
+            raise GeometryError(f"{n} tiles given to a predictor built for batches of {self.batch_size}")
+        if n < self.batch_size:
+            tiles = np.concatenate([tiles, np.zeros((self.batch_size - n, *tiles.shape[1:]), tiles.dtype)])
+        return self._run(np.ascontiguousarray(tiles, dtype=np.float32)).numpy()[:n]
 
     def flops_per_tile(self) -> float:
         """Floating-point operations of one forward pass (2 per multiply-add, convolutions only)."""
