@@ -26,8 +26,8 @@ def segment_volume(
     start: Optional[str] = typer.Option(None, "--start", help="Block start x,y,z (inclusive). Default 0,0,0."),
     end: Optional[str] = typer.Option(None, "--end", help="Block end x,y,z (exclusive). Default: the image shape."),
     image_shape: Optional[str] = typer.Option(None, "--image_shape", "--image-shape", help="Volume shape x,y,z; read from the data, checked if given."),
-    model_input_shape: str = typer.Option("220,220,220", "--model_input_shape", "--model-input-shape", help="Tile input shape x,y,z (each edge s = 4 mod 8, s >= 92)."),
-    model_output_shape: Optional[str] = typer.Option("132,132,132", "--model_output_shape", "--model-output-shape", help="Tile output shape x,y,z (input - 88); checked against the input shape."),
+    model_input_shape: Optional[str] = typer.Option(None, "--model_input_shape", "--model-input-shape", help="Tile input shape x,y,z (each edge s = 4 mod 8, s >= 92). Default: the model's own (220,220,220 for the published model)."),
+    model_output_shape: Optional[str] = typer.Option(None, "--model_output_shape", "--model-output-shape", help="Tile output shape x,y,z (input - 88); checked against the input shape if given."),
     set_gpu_mem_growth: bool = typer.Option(False, "--set_gpu_mem_growth", "--set-gpu-mem-growth", help="Let TensorFlow grow GPU memory as needed."),
     with_post_processing: bool = typer.Option(False, "--with_post_processing", "--with-post-processing", help="Hysteresis, then small-object removal, inside this block."),
     as_binary_mask: bool = typer.Option(False, "--as_binary_mask", "--as-binary-mask", help="Write argmax 0/1 (uint8) instead of the probability."),
@@ -67,7 +67,7 @@ def segment_volume(
         if with_post_processing
         else None
     )
-    tile_in = parse_xyz(model_input_shape, "--model_input_shape")
+    tile_in = parse_xyz(model_input_shape, "--model_input_shape") if model_input_shape else None
     tile_out = parse_xyz(model_output_shape, "--model_output_shape") if model_output_shape else None
     bar = Progress("tile", total_voxels=float(np.prod(np.subtract(block_end, block_start))), enabled=progress)
     result = segment_block(

@@ -8,7 +8,11 @@ Modules:
 * :mod:`.scaling` - the log-histogram intensity scaling factor;
 * :mod:`.postprocess` - hysteresis and small-object removal;
 * :mod:`.segment` - block-wise segmentation;
-* :mod:`.synthetic` - synthetic test volumes.
+* :mod:`.codecs` - ISA-L gzip/zlib for N5 chunks;
+* :mod:`.synthetic` - synthetic test volumes;
+* :mod:`.training_data` - training regions, examples and the training dataset file;
+* :mod:`.training` - loss, augmentation, the tf.data pipeline and the training loop;
+* :mod:`.metrics` - voxel and object-level evaluation.
 
 TensorFlow is imported only when a model is built.
 """

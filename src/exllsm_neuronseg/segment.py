@@ -229,7 +229,7 @@ def segment_block(
     start: Sequence[int],
     end: Sequence[int],
     scaling: float | None = None,
-    input_shape: Sequence[int] = (220, 220, 220),
+    input_shape: Sequence[int] | None = None,
     output_shape: Sequence[int] | None = None,
     batch_size: int = 1,
     binary: bool = False,
@@ -244,13 +244,16 @@ def segment_block(
 
     Everything is validated before the first voxel is written: block inside the image, tile
     shapes valid for the model, output dims and dtype, chunk alignment (unless
-    ``allow_unaligned``) and the scaling factor.  ``progress(tiles_done, tiles_total)`` is
+    ``allow_unaligned``) and the scaling factor.  The tile shape defaults to the one stored in
+    the model file (220^3 for the published model).  ``progress(tiles_done, tiles_total)`` is
     called after every batch.
     """
     from .unet import cached_predictor, read_model_weights
 
     t_start = time.perf_counter()
     weights = read_model_weights(model_path)  # fails fast on a bad model file
+    if input_shape is None:
+        input_shape = weights.input_shape or (220, 220, 220)
     block, grid = plan_block(input_volume, start, end, input_shape, output_shape, weights.config.n_blocks)
     check_output_volume(output_volume, input_volume.shape, binary)
     if not allow_unaligned:
