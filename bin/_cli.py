@@ -26,6 +26,14 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def set_gpu_memory_growth() -> None:
+    """--set_gpu_mem_growth: let TensorFlow grow GPU memory as needed instead of taking it all."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"{os.path.basename(sys.argv[0])} (exllsm-neuronseg) {__version__}")

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from _cli import Progress, VersionOption, app_for, run
+from _cli import Progress, VersionOption, app_for, run, set_gpu_memory_growth
 
 HELP = __doc__.strip().splitlines()[0]
 
@@ -38,10 +38,7 @@ def evaluate_unet(
     from exllsm_neuronseg.metrics import evaluate_model, read_keys_file
 
     if set_gpu_mem_growth:
-        import tensorflow as tf
-
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
+        set_gpu_memory_growth()
     bar = Progress("example", enabled=verbose)
     report = evaluate_model(
         model_path,

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from _cli import Progress, VersionOption, app_for, fail, run
+from _cli import Progress, VersionOption, app_for, fail, run, set_gpu_memory_growth
 
 HELP = __doc__.strip().splitlines()[0]
 
@@ -44,6 +44,7 @@ def segment_volume(
 ) -> None:
     import numpy as np
 
+    from exllsm_neuronseg.errors import VolumeError
     from exllsm_neuronseg.geometry import format_xyz, parse_xyz
     from exllsm_neuronseg.segment import PostProcessing, segment_block
     from exllsm_neuronseg.volume import open_volume
@@ -55,13 +56,10 @@ def segment_volume(
     block_end = parse_xyz(end, "--end") if end else source.shape
     try:
         target = open_volume(output, output_dataset, mode="r+")
-    except Exception as exc:  # noqa: BLE001 - reworded with the fix
+    except VolumeError as exc:
         fail(f"{exc}; create the output dataset first with create_volume.py")
     if set_gpu_mem_growth:
-        import tensorflow as tf
-
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
+        set_gpu_memory_growth()
     post = (
         PostProcessing(high_threshold, low_threshold, small_region_probability_threshold, small_region_size_threshold)
         if with_post_processing

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from _cli import VersionOption, app_for, fail, run
+from _cli import VersionOption, app_for, fail, run, set_gpu_memory_growth
 
 HELP = __doc__.strip().splitlines()[0]
 
@@ -53,10 +53,7 @@ def train_unet(
     from exllsm_neuronseg.unet import UNetConfig
 
     if set_gpu_mem_growth:
-        import tensorflow as tf
-
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
+        set_gpu_memory_growth()
     resume_from = None
     if resume:
         resume_from = pre_trained_model or latest_checkpoint(output_dir, model_name)
