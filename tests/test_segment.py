@@ -171,6 +171,12 @@ def test_unwritable_output_is_refused(small_volume, model_path, tmp_path, monkey
         segment_block(small_volume, out, model_path, (0, 0, 0), (48, 48, 48), scaling=SCALING, **SMALL_TILE)
 
 
+def test_one_io_thread_does_not_deadlock(small_volume, small_whole, model_path, tmp_path):
+    out = new_output(tmp_path, small_volume)
+    segment_block(small_volume, out, model_path, (0, 0, 0), (64, 64, 64), scaling=SCALING, io_threads=1, **SMALL_TILE)
+    np.testing.assert_array_equal(read_all(out)[:64, :64, :64], small_whole[:64, :64, :64])
+
+
 def test_batches_give_the_same_voxels(small_volume, small_whole, model_path, tmp_path):
     out = new_output(tmp_path, small_volume)
     segment_block(small_volume, out, model_path, (0, 0, 0), small_volume.shape, scaling=SCALING, batch_size=4, **SMALL_TILE)

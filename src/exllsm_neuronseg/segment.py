@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -116,12 +116,14 @@ def clear_block_done(output: Volume, block: Box) -> None:
 
 
 def block_scaling_factor(volume: Volume, block: Box, context: XYZ, executor=None) -> float:
-    """The factor of the block's read window (block plus model context, clipped to the image)."""
+    """The factor of the block's read window (block plus model context, clipped to the image).
+
+    Histograms are counted chunk by chunk (in parallel with an executor) and added up.
+    """
     window = block.grow(context).intersect(volume.box)
-    counts = None
-    for piece in split_by_chunks(window, volume.chunks):
-        c = intensity_histogram(volume.read_zyx(piece))
-        counts = c if counts is None else counts + c
+    pieces = split_by_chunks(window, volume.chunks)
+    count = lambda piece: intensity_histogram(volume.read_zyx(piece))  # noqa: E731
+    counts = sum(executor.map(count, pieces) if executor else map(count, pieces))
     return scaling_factor_from_histogram(counts).factor
 
 
@@ -261,7 +263,10 @@ def segment_block(
     if batch_size < 1:
         raise GeometryError(f"batch size {batch_size} must be >= 1")
 
-    executor = io_executor(io_threads)
+    executor = io_executor(io_threads)  # chunk decoding and encoding
+    # Reading a row waits on chunk tasks in ``executor``; it runs in its own thread so it can never
+    # occupy the pool it waits on (with one I/O thread that would deadlock).
+    prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-prefetch")
     try:
         if scaling is None:
             warn(
@@ -304,7 +309,7 @@ def segment_block(
             return window, input_volume.read_reflect_zyx(window, executor), time.perf_counter() - t
 
         row_order = [(ky, kz) for kz in rz for ky in ry]
-        next_row = executor.submit(read_row, *row_order[0])
+        next_row = prefetcher.submit(read_row, *row_order[0])
         n_row = 0
         for kz in rz:
             owned_z = grid.owned((0, 0, kz)).intersect(Box((0, 0, block.start[2]), (1, 1, block.end[2])))
@@ -315,7 +320,7 @@ def segment_block(
                 result.read_seconds += read_s
                 n_row += 1
                 if n_row < len(row_order):
-                    next_row = executor.submit(read_row, *row_order[n_row])
+                    next_row = prefetcher.submit(read_row, *row_order[n_row])
                 tiles = [(kx, ky, kz) for kx in rx]
                 for b in range(0, len(tiles), batch_size):
                     batch_idx = tiles[b : b + batch_size]
@@ -361,6 +366,7 @@ def segment_block(
         )
         return result
     finally:
+        prefetcher.shutdown(wait=True, cancel_futures=True)
         executor.shutdown(wait=True, cancel_futures=True)
 
 

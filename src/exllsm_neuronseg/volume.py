@@ -337,6 +337,7 @@ def default_io_threads() -> int:
 
 
 def io_executor(threads: int | None = None) -> ThreadPoolExecutor:
+    """A pool for chunk decoding/encoding.  Tasks in it must not wait on other tasks in it."""
     return ThreadPoolExecutor(max_workers=threads or default_io_threads(), thread_name_prefix="volume-io")
 
 
