@@ -1,0 +1,235 @@
+"""Read this project's Nextflow modules and evaluate their Groovy the way Nextflow would.
+
+* :func:`parse_module` splits a module's ``main.nf`` into directives, inputs, outputs, the
+  ``script:`` and ``stub:`` sections and the helper functions after the process;
+* :class:`Groovy` evaluates pieces of Groovy with Groovy 4 from the language-server jar: script
+  sections rendered with given input values and ``task`` (exactly Nextflow's GString rules),
+  ``containerOptions`` expressions, and the subworkflow's and facade's planning functions.
+
+Only what Nextflow itself provides is emulated: ``file()``, ``error()``, ``params``, ``workflow``,
+``task`` and the ``Path`` methods the code calls (``exists``, ``getText``, ``getBaseName``,
+``mkdirs``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nftools import ROOT, run_groovy
+
+SECTIONS = ("input", "output", "when", "script", "stub")
+
+
+@dataclass
+class Output:
+    emit: str
+    kinds: list[tuple[str, str]]  # (val|path|eval|env, name or command)
+    topic: str | None = None
+
+
+@dataclass
+class Process:
+    name: str
+    path: Path
+    directives: str
+    inputs: list[list[tuple[str, str]]]  # per input channel: [(val|path, name), ...]
+    outputs: list[Output]
+    script: str
+    stub: str
+    functions: str
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [name for channel in self.inputs for _, name in channel]
+
+    def directive(self, name: str) -> str | None:
+        m = re.search(rf"^\s*{name}\s+(.+)$", self.directives, re.MULTILINE)
+        return m.group(1).strip() if m else None
+
+    @property
+    def container_options(self) -> str:
+        """The containerOptions GString's expression (between ``"${`` and ``}"``)."""
+        value = self.directive("containerOptions")
+        m = re.fullmatch(r'"\$\{(.*)\}"', value or "")
+        if not m:
+            raise AssertionError(f'{self.name}: containerOptions is not one "${{...}}" expression: {value}')
+        return m.group(1)
+
+    def output(self, emit: str) -> Output:
+        for out in self.outputs:
+            if out.emit == emit:
+                return out
+        raise KeyError(f"{self.name} has no output emit: {emit}")
+
+
+def _components(decl: str) -> list[tuple[str, str]]:
+    found = []
+    for kind, arg in re.findall(r"\b(val|path|eval|env)\s*\(\s*(.*?)\s*\)(?=\s*(?:,|$))", decl):
+        found.append((kind, arg.strip("'\"")))
+    if not found:  # "path model" / "val options"
+        m = re.fullmatch(r"(val|path)\s+(\w+)", decl.strip())
+        if m:
+            found.append((m.group(1), m.group(2)))
+    return found
+
+
+def parse_module(path: Path) -> Process:
+    text = path.read_text()
+    m = re.search(r"^process (\w+) \{\n(.*?)^\}\n", text, re.MULTILINE | re.DOTALL)
+    if not m:
+        raise AssertionError(f"{path}: no process")
+    name, body, functions = m.group(1), m.group(2), text[m.end() :]
+    parts = re.split(rf"^    ({'|'.join(SECTIONS)}):\s*$", body, flags=re.MULTILINE)
+    directives, sections = parts[0], dict(zip(parts[1::2], parts[2::2]))
+    inputs = [
+        _components(line)
+        for line in sections["input"].splitlines()
+        if line.strip() and not line.strip().startswith("//")
+    ]
+    outputs = []
+    for line in sections["output"].splitlines():
+        line = line.strip()
+        if not line or line.startswith("//"):
+            continue
+        emit = re.search(r"emit:\s*(\w+)", line)
+        topic = re.search(r"topic:\s*(\w+)", line)
+        decl = re.sub(r",\s*(emit|topic):.*$", "", line)
+        decl = re.sub(r",\s*(emit|topic):\s*\w+", "", decl)
+        outputs.append(
+            Output(
+                emit.group(1) if emit else "",
+                _components(decl.removeprefix("tuple ")),
+                topic.group(1) if topic else None,
+            )
+        )
+    labels = re.findall(r"^\s*label\s+'([^']+)'", directives, re.MULTILINE)
+    return Process(
+        name, path, directives, inputs, outputs, sections["script"], sections.get("stub", ""), functions, labels
+    )
+
+
+def modules(root: Path = ROOT) -> dict[str, Process]:
+    return {p.name: p for p in (parse_module(f) for f in sorted((root / "modules").rglob("main.nf")))}
+
+
+def section_functions(path: Path) -> str:
+    """The top-level ``def`` functions of a workflow file (everything after its last workflow)."""
+    text = path.read_text()
+    ends = [m.end() for m in re.finditer(r"^workflow \w+ \{\n.*?^\}\n", text, re.MULTILINE | re.DOTALL)]
+    return text[ends[-1] :] if ends else text
+
+
+def ext_args(config: Path = ROOT / "conf" / "modules.config") -> dict[str, str]:
+    """``ext.args`` per process name from conf/modules.config (plain string values)."""
+    text = config.read_text()
+    return {
+        name: args
+        for name, args in re.findall(r"withName:\s*'(\w+)'\s*\{[^}]*?ext\.args\s*=\s*'([^']*)'", text, re.DOTALL)
+    }
+
+
+def groovy_literal(value) -> str:
+    """A Python value (from JSON-able data) as a Groovy literal."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r")
+        return "'" + escaped + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(groovy_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "[:]"
+        return "[" + ", ".join(f"{groovy_literal(str(k))}: {groovy_literal(v)}" for k, v in value.items()) + "]"
+    if isinstance(value, Path):
+        return groovy_literal(str(value))
+    raise TypeError(f"no Groovy literal for {type(value).__name__}")
+
+
+# What Nextflow provides to scripts, closures and functions (and only that).
+PRELUDE = r"""
+import java.nio.file.*  // a default import of Nextflow scripts
+ExpandoMetaClass.enableGlobally()
+java.nio.file.Path.metaClass.exists = { -> java.nio.file.Files.exists(delegate) }
+java.nio.file.Path.metaClass.getText = { -> new String(java.nio.file.Files.readAllBytes(delegate), 'UTF-8') }
+java.nio.file.Path.metaClass.mkdirs = { -> delegate.toFile().mkdirs() }
+java.nio.file.Path.metaClass.getBaseName = { ->
+    def n = delegate.fileName.toString(); n.lastIndexOf('.') > 0 ? n.substring(0, n.lastIndexOf('.')) : n }
+
+def file(p) { java.nio.file.Paths.get(p.toString()).toAbsolutePath().normalize() }
+def error(String message) { throw new IllegalStateException(message) }
+"""
+
+
+class Groovy:
+    """Evaluates Groovy snippets in one JVM per :meth:`evaluate` call."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def evaluate(self, jobs: list[tuple[dict, str, str]]) -> list:
+        """Each job: (binding variables, functions source, expression); returns the values (JSON round trip).
+
+        The functions and a closure holding the expression are compiled as their own script (as
+        each Nextflow file is), with the variables in its binding (as process inputs and ``task``
+        are), so the functions see ``params``/``workflow`` exactly as Nextflow's do.
+        """
+        pieces = ["import groovy.json.*", "def __results = []"]
+        for i, (binding, functions, expression) in enumerate(jobs):
+            source = PRELUDE + "\n" + functions + "\nreturn { ->\n" + expression + "\n}()\n"
+            pieces.append(
+                f"__results << new GroovyShell(new Binding({groovy_literal(binding)} as Map))"
+                f".evaluate({groovy_literal(source)}, 'job{i}.groovy')"
+            )
+        pieces.append("println JsonOutput.toJson(__results.collect { it instanceof GString ? it.toString() : it })")
+        return json.loads(run_groovy("\n".join(pieces), self.workdir).strip().splitlines()[-1])
+
+    def render(self, process: Process, inputs: dict, task: dict, engine: str = "docker") -> dict:
+        """The task's script, stub and containerOptions for these input values."""
+        binding = {
+            **inputs,
+            "task": task,
+            "workflow": {"containerEngine": engine},
+            "moduleDir": str(process.path.parent),
+        }
+        jobs = [
+            (binding, process.functions, process.script),
+            (binding, process.functions, process.stub),
+            (binding, process.functions, f'"${{{process.container_options}}}"'),
+        ]
+        script, stub, options = self.evaluate(jobs)
+        return {"script": script, "stub": stub, "containerOptions": options}
+
+    def render_many(
+        self, process: Process, tasks: list[tuple[dict, dict]], engines=("docker", "singularity")
+    ) -> list[dict]:
+        """:meth:`render` for many (inputs, task) pairs in one JVM; containerOptions per engine."""
+        jobs = []
+        for inputs, task in tasks:
+            for engine in engines:
+                binding = {
+                    **inputs,
+                    "task": task,
+                    "workflow": {"containerEngine": engine},
+                    "moduleDir": str(process.path.parent),
+                }
+                if engine == engines[0]:
+                    jobs.append((binding, process.functions, process.script))
+                    jobs.append((binding, process.functions, process.stub))
+                jobs.append((binding, process.functions, f'"${{{process.container_options}}}"'))
+        values = self.evaluate(jobs)
+        step = 2 + len(engines)
+        rendered = []
+        for i in range(len(tasks)):
+            chunk = values[i * step : (i + 1) * step]
+            rendered.append({"script": chunk[0], "stub": chunk[1], "containerOptions": dict(zip(engines, chunk[2:]))})
+        return rendered

