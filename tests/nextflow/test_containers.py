@@ -22,7 +22,9 @@ from nfscript import modules
 from nftools import ROOT, ToolError, hadolint
 
 CONTAINERS = ROOT / "containers"
-STAGES = ("segment_volume", "scaling_factor", "create_volume")
+# The two TensorFlow images first: their venvs (the slow ones) are built side by side
+STAGES = ("segment_volume", "train_unet", "scaling_factor", "create_volume")
+TF_STAGES = ("segment_volume", "train_unet")
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "src/exllsm_neuronseg/__init__.py").read_text()).group(1)
 MODEL = ROOT.parent / "shared" / "models" / "neuron_2021.h5"
 PIP_QUIET = ["--quiet", "--disable-pip-version-check"]
@@ -85,6 +87,10 @@ def test_dockerfiles_match_the_modules():
         "SCALING_FACTOR": image_of("scaling_factor"),
         "CREATE_VOLUME": image_of("create_volume"),
         "MAKE_TEST_VOLUME": image_of("create_volume"),
+        "MAKE_TRAINING_REGIONS": image_of("train_unet"),
+        "PREPARE_DATASET": image_of("train_unet"),
+        "TRAIN_UNET": image_of("train_unet"),
+        "EVALUATE_UNET": image_of("train_unet"),
     }
     constraints = dict(line.split("==") for line in requirements(CONTAINERS / "constraints.txt"))
     constraints = {k.lower().replace("_", "-"): v for k, v in constraints.items()}
@@ -127,7 +133,7 @@ def test_dockerfiles_match_the_modules():
             if package != "tensorflow":
                 assert constraints.get(package.lower().replace("_", "-")) == version, f"{stage}: {req} vs constraints"
         has_tf = any(r.startswith("tensorflow") for r in reqs)
-        assert has_tf == (stage == "segment_volume"), stage
+        assert has_tf == (stage in TF_STAGES), stage
         if has_tf:
             assert f"tensorflow[and-cuda]=={tf_pin}." in " ".join(reqs)
         # the module's conda environment lists the same pip packages
@@ -214,6 +220,7 @@ def test_stage_dependency_sets_install_alone(tmp_path):
         "create_volume": ["create_volume.py", "make_test_volume.py"],
         "scaling_factor": ["scaling_factor.py"],
         "segment_volume": ["segment_volume.py", "scaling_factor.py"],
+        "train_unet": ["make_training_regions.py", "prepare_dataset.py", "train_unet.py", "evaluate_unet.py"],
     }
     for stage, names in clis.items():
         assert sorted(p.name for p in bins[stage].glob("*.py")) == sorted(names + ["_cli.py"]), stage
@@ -225,14 +232,16 @@ def test_stage_dependency_sets_install_alone(tmp_path):
                 VERSION,
             ]
 
-    # the split: no TensorFlow outside the segmentation stage, no SciPy/scikit-learn for creation
+    # the split: no TensorFlow outside the segmentation and training stages, no SciPy/scikit-learn
+    # for creation, no N5 stack for training
     def imports(stage: str, module: str) -> bool:
         python = tmp_path / stage / "bin" / "python"
         return subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode == 0
 
     assert not imports("create_volume", "tensorflow") and not imports("scaling_factor", "tensorflow")
     assert not imports("create_volume", "sklearn") and not imports("create_volume", "scipy")
-    assert imports("segment_volume", "tensorflow")
+    assert imports("segment_volume", "tensorflow") and imports("train_unet", "tensorflow")
+    assert not imports("train_unet", "zarr") and not imports("train_unet", "numcodecs")
 
     # each stage does its real work from its own set: make + create, scale, segment
     data = tmp_path / "data"
@@ -318,6 +327,21 @@ def test_stage_dependency_sets_install_alone(tmp_path):
     )
     assert "tiles in" in summary
 
+    # the training image's four stages on one tiny region: make -> prepare -> train -> evaluate
+    train = bins["train_unet"]
+    stages = {
+        "make_training_regions.py": "--output-dir {d}/regions --names R1 --shape 84,84,84 --n-tubes 4 --n-puncta 20",
+        "prepare_dataset.py": "--region-file {d}/regions/R1/R1.h5 --dataset-dir {d}/train.h5 --output-dir {d}/diag "
+        "--samples-per-region 2 --tile-input-shape 44,44,44 --tile-output-shape 4,4,4 --seed 0",
+        "train_unet.py": "--training-dataset {d}/train.h5 --output-dir {d}/model --model-name m --n-blocks 1 "
+        "--model_input_size 44,44,44 --model_output_size 4,4,4 --epochs 1 --seed 0 --parallel-calls 1",
+        "evaluate_unet.py": "--dataset {d}/train.h5 --model-path {d}/model/m_best.h5 --output-dir {d}/eval "
+        "--n-examples 0",
+    }
+    for script, flags in stages.items():
+        last = _ok(_run(train, script, *flags.format(d=data).split()), f"train_unet: {script}")
+    assert last.startswith("evaluated m_best.h5 on 2 examples") and (data / "eval/report.json").is_file()
+
 
 def test_entrypoint_dispatches_the_host_script_names(tmp_path):
     entry = str(CONTAINERS / "segment_volume" / "entrypoint.sh")
@@ -331,6 +355,14 @@ def test_entrypoint_dispatches_the_host_script_names(tmp_path):
     for args in ([], ["tif_to_n5"]):
         proc = subprocess.run([entry, *args], capture_output=True, text=True, env=env)
         assert proc.returncode == 2 and proc.stderr.strip(), proc
+
+
+def test_training_gpu_requirements_are_a_subset_of_the_segmentation_ones():
+    """The training image's set is the segmentation image's (resolved with its CUDA wheels below)
+    without the N5 stack, so it resolves too: the same pins, fewer top-level packages."""
+    train = set(requirements(CONTAINERS / "train_unet" / "requirements.txt"))
+    segment = set(requirements(CONTAINERS / "segment_volume" / "requirements.txt"))
+    assert train < segment and sorted(segment - train) == ["isal==1.9.1", "numcodecs==0.15.2", "zarr==2.18.7"]
 
 
 def test_gpu_requirements_resolve(tmp_path):

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from nfscript import modules, parse_module
-from nftools import FACADE, ROOT, SUBWORKFLOW, analysis_or_fail
+from nftools import FACADE, ROOT, SUBWORKFLOW, TRAINING_SUBWORKFLOW, analysis_or_fail
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,9 @@ HOST_DEFAULTS = {
 MODEL_URL = "https://github.com/JaneliaSciComp/exllsm-neuron-segmentation/raw/master/neuron_2021.h5"
 
 
-def config_params() -> dict:
-    """The params block of nextflow.config as Python values (literals only)."""
-    text = (ROOT / "nextflow.config").read_text()
+def config_params(config: Path = ROOT / "nextflow.config") -> dict:
+    """The params block of a config file (nextflow.config by default) as Python values (literals only)."""
+    text = config.read_text()
     block = re.search(r"^params \{\n(.*?)^\}", text, re.MULTILINE | re.DOTALL).group(1)
     values = {}
     for name, raw in re.findall(r"^\s*(\w+)\s*=\s*(.+?)\s*$", block, re.MULTILINE):
@@ -75,7 +76,8 @@ def test_every_file_is_clean(analysis):
     names = {str(f.relative_to(ROOT)) for f in analysis.files}
     assert {"main.nf", "nextflow.config", "workflows/neuron_segmentation.nf"} <= names
     assert {"conf/base.config", "conf/modules.config", "conf/test.config", "conf/gpu.config"} <= names
-    assert len([n for n in names if n.startswith("modules/local/")]) == 4
+    assert {"conf/test_training.config", "subworkflows/local/unet_training/main.nf"} <= names
+    assert len([n for n in names if n.startswith("modules/local/")]) == 8
     assert not analysis.diagnostics, "\n".join(map(str, analysis.diagnostics))
 
 
@@ -94,6 +96,40 @@ def test_main_dag(analysis):
     for param in ("neuron_stack_dir", "output_dir", "neuron_output_dataset", "unsegmented_dataset"):
         assert (param, "neuron_segmentation") in dag.edges, param
     assert "test_volume" in dag.labels  # the test volume is made only when asked
+    assert "workflow" in dag.labels  # segmentation or training
+
+
+def test_main_training_dag(analysis):
+    """--workflow training: synthetic regions (test_training profile) or the given files -> UNET_TRAINING."""
+    dag = analysis.dags["main"]
+    assert {"MAKE_TRAINING_REGIONS", "UNET_TRAINING", "test_regions"} <= dag.labels
+    assert ("MAKE_TRAINING_REGIONS", "UNET_TRAINING") in dag.edges
+    for param in ("test_region_names", "test_heldout_region_names", "test_region_shape", "training_raw_dataset"):
+        assert (param, "MAKE_TRAINING_REGIONS") in dag.edges, param
+    params = [
+        "training_regions",
+        "training_raw_dataset",
+        "training_label_dataset",
+        "training_pretrained_model",
+        "training_model_in_dims",
+        "training_model_out_dims",
+        "training_samples_per_region",
+        "training_above_threshold_ratio",
+        "training_n_blocks",
+        "training_initial_filters",
+        "training_epochs",
+        "training_batch_size",
+        "training_test_fraction",
+        "training_seed",
+        "use_gpu_mem_growth",
+    ]
+    for param in params:
+        assert (param, "UNET_TRAINING") in dag.edges, param
+    # the two workflows share no stage
+    assert not dag.reachable("MAKE_TRAINING_REGIONS", "neuron_segmentation")
+    assert not dag.reachable("MAKE_TEST_VOLUME", "UNET_TRAINING")
+    text = (ROOT / "main.nf").read_text()
+    assert "if (params.workflow == 'segmentation') {" in text and "else if (params.workflow == 'training') {" in text
 
 
 def test_subworkflow_dag(analysis):
@@ -122,6 +158,35 @@ def test_subworkflow_dag(analysis):
     assert not dag.reachable("ch_model", "CREATE_VOLUME")
 
 
+def test_training_subworkflow_dag(analysis):
+    """UNET_TRAINING: prepare -> train -> evaluate; evaluation also reads the prepared datasets."""
+    dag = analysis.dags["training"]
+    processes = {label for label in dag.labels if label.isupper() and label.replace("_", "").isalpha()}
+    assert processes == {"PREPARE_DATASET", "TRAIN_UNET", "EVALUATE_UNET"}
+    expected = {
+        ("ch_regions", "PREPARE_DATASET"),
+        ("ch_heldout", "PREPARE_DATASET"),
+        ("options", "PREPARE_DATASET"),
+        ("options", "TRAIN_UNET"),
+        ("options", "EVALUATE_UNET"),
+        ("ch_pretrained", "TRAIN_UNET"),
+        ("PREPARE_DATASET", "TRAIN_UNET"),
+        ("PREPARE_DATASET", "EVALUATE_UNET"),
+        ("TRAIN_UNET", "EVALUATE_UNET"),
+        ("PREPARE_DATASET", "dataset"),
+        ("TRAIN_UNET", "model"),
+        ("TRAIN_UNET", "checkpoints"),
+        ("EVALUATE_UNET", "evaluation"),
+    }
+    assert expected <= dag.edges, sorted(expected - dag.edges)
+    assert not dag.reachable("TRAIN_UNET", "PREPARE_DATASET")
+    assert not dag.reachable("EVALUATE_UNET", "TRAIN_UNET")
+    assert not dag.reachable("ch_pretrained", "PREPARE_DATASET")
+    text = TRAINING_SUBWORKFLOW.read_text()
+    assert re.search(r"take:\n\s+ch_regions\s+// channel: \[ meta, \[ region\.h5, \.\.\. \] \]", text)
+    assert "join(ch_heldout_sets, remainder: true)" in text  # runs without held-out regions use their split
+
+
 def test_host_facade_dag(analysis):
     """The host's interface: `neuron_segmentation(in, out)` emitting `done`."""
     dag = analysis.dags["facade"]
@@ -134,13 +199,18 @@ def test_host_facade_dag(analysis):
 
 def test_modules_follow_the_conventions():
     found = modules()
-    assert set(found) == {"SEGMENT_VOLUME", "SCALING_FACTOR", "CREATE_VOLUME", "MAKE_TEST_VOLUME"}
     scripts = {
         "SEGMENT_VOLUME": "segment_volume.py",
         "SCALING_FACTOR": "scaling_factor.py",
         "CREATE_VOLUME": "create_volume.py",
         "MAKE_TEST_VOLUME": "make_test_volume.py",
+        "MAKE_TRAINING_REGIONS": "make_training_regions.py",
+        "PREPARE_DATASET": "prepare_dataset.py",
+        "TRAIN_UNET": "train_unet.py",
+        "EVALUATE_UNET": "evaluate_unet.py",
     }
+    training = {"MAKE_TRAINING_REGIONS", "PREPARE_DATASET", "TRAIN_UNET", "EVALUATE_UNET"}
+    assert set(found) == set(scripts)
     for name, process in found.items():
         folder = process.path.parent
         assert (folder / "meta.yml").is_file() and (folder / "environment.yml").is_file(), name
@@ -161,12 +231,25 @@ def test_modules_follow_the_conventions():
         ]
         assert commands[0].strip().startswith(scripts[name]), name
         assert sum(scripts[name] in line for line in commands) == 1, name
-        # containers written in place are val inputs, bound by containerOptions
-        assert "bindMounts(workflow.containerEngine" in process.container_options, name
+        if name in training:
+            # files in and out: staged path inputs (Nextflow binds them), path outputs, no bind mounts
+            assert process.directive("containerOptions") is None, name
+            assert process.path_outputs, name
+        else:
+            # containers written in place are val inputs, bound by containerOptions
+            assert "bindMounts(workflow.containerEngine" in process.container_options, name
     segment = found["SEGMENT_VOLUME"]
     assert {"process_gpu", "withGPU"} <= set(segment.labels)
     assert ("path", "model") in segment.inputs[1]
     assert all(kind == "val" for kind, _ in segment.inputs[0])
+    for name in ("TRAIN_UNET", "EVALUATE_UNET"):
+        assert {"process_gpu", "withGPU"} <= set(found[name].labels), name
+    for name in ("MAKE_TRAINING_REGIONS", "PREPARE_DATASET"):
+        assert not {"process_gpu", "withGPU"} & set(found[name].labels), name
+    assert found["PREPARE_DATASET"].inputs[0] == [("val", "meta"), ("path", "regions")]
+    assert found["TRAIN_UNET"].inputs[:2] == [[("val", "meta"), ("path", "dataset")], [("path", "pretrained")]]
+    evaluate_inputs = [("val", "meta"), ("path", "dataset"), ("path", "model"), ("path", "keys")]
+    assert found["EVALUATE_UNET"].inputs[0] == evaluate_inputs
 
 
 def test_params_reuse_the_host_names_and_defaults():
@@ -185,13 +268,24 @@ def test_params_reuse_the_host_names_and_defaults():
                 assert properties[name].get("default") == value, name
     config = (ROOT / "nextflow.config").read_text()
     assert "id 'nf-schema@" in config and "validateParameters()" in (ROOT / "main.nf").read_text()
-    for profile in ("test", "docker", "singularity", "apptainer", "gpu", "slurm", "lsf", "local"):
+    for profile in ("test", "test_training", "docker", "singularity", "apptainer", "gpu", "slurm", "lsf", "local"):
         assert re.search(rf"^    {profile} \{{", config, re.MULTILINE), profile
     # the host's LSF GPU routing: label withGPU -> GPU queue with one GPU
     lsf = re.search(r"^    lsf \{\n(.*?)^    \}", config, re.MULTILINE | re.DOTALL).group(1)
     assert "withLabel: withGPU" in lsf and '-gpu "num=1"' in lsf and "params.lsf_gpu_queue" in lsf
     assert params["lsf_gpu_queue"] == "gpu_rtx"
     assert "nextflowVersion = '!>=25.04.0'" in config
+    # segmentation needs its containers, training does not: required only for --workflow segmentation
+    assert properties["workflow"]["enum"] == ["segmentation", "training"] and params["workflow"] == "segmentation"
+    assert not any(group.get("required") for group in schema["$defs"].values())
+    conditional = [item for item in schema["allOf"] if "if" in item]
+    assert conditional == [
+        {
+            "if": {"properties": {"workflow": {"const": "segmentation"}}},
+            "then": {"required": ["neuron_stack_dir", "output_dir"]},
+        }
+    ]
+    assert {item["$ref"] for item in schema["allOf"] if "$ref" in item} == {f"#/$defs/{k}" for k in schema["$defs"]}
 
 
 def test_subworkflow_file_is_meta_style():
