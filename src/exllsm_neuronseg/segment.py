@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -54,7 +54,6 @@ class SegmentationResult:
     write_seconds: float = 0.0
     skipped: bool = False
     flops: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def voxels(self) -> int:
