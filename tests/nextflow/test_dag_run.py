@@ -9,6 +9,7 @@ directory, with bin/ on PATH as Nextflow puts it. Every declared output is check
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -107,8 +108,9 @@ class Runner:
         return proc.stdout.strip()
 
 
-def check_outputs(runner: Runner, process: Process, work: Path, inputs: dict) -> dict:
-    """Every declared output of a finished task: val from its inputs, path present, eval runs."""
+def check_outputs(runner: Runner, process: Process, work: Path, inputs: dict, names: dict[str, str] | None = None) -> dict:
+    """Every declared output of a finished task: val from its inputs, path present (``names`` maps a
+    declared path to its rendered name or glob), eval runs; returns the values per emit name."""
     values = {}
     for out in process.outputs:
         items = []
@@ -120,8 +122,14 @@ def check_outputs(runner: Runner, process: Process, work: Path, inputs: dict) ->
                     assert name in inputs, f"{process.name}: output val({name}) is not an input"
                     items.append(inputs[name])
             elif kind == "path":
-                assert (work / name).exists(), f"{process.name}: declared output {name} missing in {work}"
-                items.append(work / name)
+                pattern = names[name] if names is not None else name
+                if glob.has_magic(pattern):
+                    found = sorted(work.glob(pattern))
+                    assert found, f"{process.name}: declared output {pattern} matches nothing in {work}"
+                    items.append(found)
+                else:
+                    assert (work / pattern).exists(), f"{process.name}: declared output {pattern} missing in {work}"
+                    items.append(work / pattern)
             elif kind == "eval":
                 items.append(runner.evaluate(work, name))
             else:

@@ -12,7 +12,6 @@ must exist; so must the stubs' outputs.
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 from nfscript import Groovy, Process, ext_args, modules, section_functions
 from nftools import ROOT, TRAINING_SUBWORKFLOW, analysis_or_fail
-from test_dag_run import VERSION, Runner, topological_levels
+from test_dag_run import Runner, check_outputs, topological_levels
 from test_language_server import config_params
 
 TEST_TRAINING = ROOT / "conf" / "test_training.config"
@@ -84,38 +83,6 @@ def published(process: Process, work: Path, names: dict[str, str]) -> list[str]:
     for a in chosen:
         assert not any(b.startswith(a + "/") for b in chosen), f"{process.name}: {a} and what is in it published twice"
     return chosen
-
-
-def check_declared(runner: Runner, process: Process, work: Path, inputs: dict, names: dict[str, str]) -> dict:
-    """Every declared output of a finished task: val from its inputs, path (rendered name or glob)
-    present, eval runs; returns the values per emit name."""
-    values = {}
-    for out in process.outputs:
-        items = []
-        for kind, name in out.kinds:
-            if kind == "val":
-                if name.startswith("${") or name == "exllsm-neuronseg":
-                    items.append(name)
-                else:
-                    assert name in inputs, f"{process.name}: output val({name}) is not an input"
-                    items.append(inputs[name])
-            elif kind == "path":
-                pattern = names[name]
-                if glob.has_magic(pattern):
-                    found = sorted(work.glob(pattern))
-                    assert found, f"{process.name}: declared output {pattern} matches nothing in {work}"
-                    items.append(found)
-                else:
-                    assert (work / pattern).exists(), f"{process.name}: declared output {pattern} missing in {work}"
-                    items.append(work / pattern)
-            elif kind == "eval":
-                items.append(runner.evaluate(work, name))
-            else:
-                raise AssertionError(f"{process.name}: unexpected output kind {kind}")
-        values[out.emit] = items
-        if out.topic == "versions":
-            assert items[-1] == VERSION, f"{process.name}: version {items[-1]!r}"
-    return values
 
 
 def test_training_run_in_dag_order(analysis, tmp_path):
@@ -224,7 +191,7 @@ def test_training_run_in_dag_order(analysis, tmp_path):
 
     # -- MAKE_TRAINING_REGIONS (main.nf, test_training profile) ---------------------------------
     work = runner.run(make, rendered["make"]["script"])
-    made = check_declared(runner, make, work, inputs["make"], rendered["make"]["outputs"])["regions"][1]
+    made = check_outputs(runner, make, work, inputs["make"], rendered["make"]["outputs"])["regions"][1]
     assert [p.relative_to(work).as_posix() for p in made] == [f"regions/{n}/{n}.h5" for n in ("A1", "A2", "H1")]
     regions = {p.stem: p for p in made}
     assert published(make, work, rendered["make"]["outputs"]) == [f"regions/{n}/{n}.h5" for n in ("A1", "A2", "H1")]
@@ -239,7 +206,7 @@ def test_training_run_in_dag_order(analysis, tmp_path):
         prepare_works = dict(zip(keys, pool.map(prepare_task, keys)))
     datasets = {}
     for key, work in prepare_works.items():
-        out = check_declared(runner, prepare, work, inputs[key], rendered[key]["outputs"])
+        out = check_outputs(runner, prepare, work, inputs[key], rendered[key]["outputs"])
         datasets[key] = out["dataset"][1]
         assert out["dataset"][0] == inputs[key]["meta"]
         meta_id = inputs[key]["meta"]["id"]
@@ -252,7 +219,7 @@ def test_training_run_in_dag_order(analysis, tmp_path):
 
     # -- TRAIN_UNET ------------------------------------------------------------------------------
     work = runner.run(train, rendered["train"]["script"], {dataset: datasets["prepare"]})
-    trained = check_declared(runner, train, work, inputs["train"], rendered["train"]["outputs"])
+    trained = check_outputs(runner, train, work, inputs["train"], rendered["train"]["outputs"])
     _, model, split_file = trained["model"]
     assert published(train, work, rendered["train"]["outputs"]) == ["test_model"]  # the directory, once
     assert model.name == best and split_file.name == split
@@ -277,7 +244,7 @@ def test_training_run_in_dag_order(analysis, tmp_path):
         eval_works = dict(zip(keys, pool.map(evaluate_task, keys)))
     examples = {}
     for key, work in eval_works.items():
-        out = check_declared(runner, evaluate, work, inputs[key], rendered[key]["outputs"])
+        out = check_outputs(runner, evaluate, work, inputs[key], rendered[key]["outputs"])
         report = json.loads(out["report"][1].read_text())
         assert 0 <= report["pixel_accuracy"] <= 1 and "threshold_baseline" in report, key
         assert "PrecisionRecall.png" in {p.name for p in out["evaluation"][1].iterdir()}, key
@@ -288,7 +255,7 @@ def test_training_run_in_dag_order(analysis, tmp_path):
 
     # -- Fine-tuning: TRAIN_UNET from a given model (no resume state: a fresh optimizer) ---------
     work = runner.run(train, rendered["finetune"]["script"], {dataset: datasets["prepare"], best: model})
-    check_declared(runner, train, work, inputs["finetune"], rendered["finetune"]["outputs"])
+    check_outputs(runner, train, work, inputs["finetune"], rendered["finetune"]["outputs"])
     assert "fresh optimizer" in (work / ".command.err").read_text()
 
     # -- Stubs run and leave every declared output ----------------------------------------------
@@ -300,7 +267,7 @@ def test_training_run_in_dag_order(analysis, tmp_path):
                 if item:
                     staged[item] = datasets["prepare"]  # stubs do not read their inputs
         work = runner.run(process, r["stub"], staged)
-        check_declared(runner, process, work, inputs[key], r["outputs"])
+        check_outputs(runner, process, work, inputs[key], r["outputs"])
 
 
 def test_training_options_defaults(tmp_path):
