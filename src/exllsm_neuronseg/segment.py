@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from .geometry import XYZ, Box, TileGrid, check_block, check_chunk_aligned, form
 from .postprocess import post_process
 from .scaling import check_scaling_factor, intensity_histogram, scaling_factor_from_histogram
 from .volume import Volume, check_output_volume, io_executor, split_by_chunks
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .unet import UNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +215,14 @@ def plan_block(
     end: Sequence[int],
     input_shape: Sequence[int],
     output_shape: Sequence[int] | None,
-    n_blocks: int = 2,
-    grid: int | None = None,
+    config: "UNetConfig",
 ) -> tuple[Box, TileGrid]:
-    """Validate a block and the tile shapes and return the block box and the tile grid."""
+    """Validate a block and the tile shapes and return the block box and the model's tile grid."""
     from .unet import check_tile_shapes
 
     block = check_block(tuple(start), tuple(end), input_volume.shape)  # type: ignore[arg-type]
-    tile_in, tile_out = check_tile_shapes(input_shape, output_shape, n_blocks)
-    return block, TileGrid(tile_in, tile_out, grid or 2 ** (n_blocks + 1))
+    tile_in, tile_out = check_tile_shapes(input_shape, output_shape, config.n_blocks)
+    return block, TileGrid(tile_in, tile_out, config.tile_grid)
 
 
 def segment_block(
@@ -255,7 +257,7 @@ def segment_block(
     weights = read_model_weights(model_path)  # fails fast on a bad model file
     if input_shape is None:
         input_shape = weights.input_shape or (220, 220, 220)
-    block, grid = plan_block(input_volume, start, end, input_shape, output_shape, weights.config.n_blocks)
+    block, grid = plan_block(input_volume, start, end, input_shape, output_shape, weights.config)
     check_output_volume(output_volume, input_volume.shape, binary)
     if not allow_unaligned:
         check_chunk_aligned(block, output_volume.chunks, output_volume.shape)
