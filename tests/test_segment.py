@@ -24,8 +24,9 @@ def read_all(vol):
 
 
 @pytest.fixture(scope="session")
-def whole_220(synthetic_n5, model_path, tmp_path_factory):
-    """The synthetic volume segmented as one block with the host's 220 -> 132 tiles."""
+def whole_default(synthetic_n5, model_path, tmp_path_factory):
+    """The synthetic volume segmented as one block with the default tiles: 244 x 236 x 220, two
+    along z (the z edge stays at most 220, whose stride 128 is short of the 130 slices)."""
     path, _ = synthetic_n5
     source = open_volume(path, "c1/s0")
     out = new_output(tmp_path_factory.mktemp("whole"), source)
@@ -33,27 +34,43 @@ def whole_220(synthetic_n5, model_path, tmp_path_factory):
     return result, read_all(out)
 
 
-def test_whole_volume_equals_the_original_algorithm(whole_220, synthetic_n5, model_path):
+@pytest.fixture(scope="session")
+def original_output(synthetic_n5, model_path):
+    """The original tool's algorithm (tiles anchored at the volume start, 220^3) on the volume."""
     from reference_original import original_segment
 
     from exllsm_neuronseg.unet import cached_predictor
 
-    result, ours = whole_220
     _, image = synthetic_n5
-    original = original_segment(image, cached_predictor(model_path, (220, 220, 220)), SCALING)
-    assert ours.dtype == np.float32 and ours.shape == image.shape
-    np.testing.assert_allclose(ours, original, atol=1e-4, rtol=0)
+    return original_segment(image, cached_predictor(model_path, (220, 220, 220)), SCALING)
+
+
+def test_whole_volume_equals_the_original_algorithm(whole_default, original_output):
+    result, ours = whole_default
+    assert ours.dtype == np.float32 and ours.shape == original_output.shape
+    np.testing.assert_allclose(ours, original_output, atol=1e-4, rtol=0)
     assert (ours > 0.5).sum() > 1000  # the tubes are found
-    assert result.tiles == 8 and not result.skipped
+    assert result.tiles == 2 and not result.skipped
 
 
-def test_aligned_blocks_equal_whole(whole_220, synthetic_n5, model_path, tmp_path):
+def test_host_tiles_equal_the_original_and_the_default_tiles(synthetic_n5, whole_default, original_output, model_path, tmp_path):
+    """The host's 220^3 tiles give the original's output too: the tile shape changes float rounding only."""
+    path, _ = synthetic_n5
+    source = open_volume(path, "c1/s0")
+    out = new_output(tmp_path, source)
+    result = segment_block(source, out, model_path, (0, 0, 0), source.shape, scaling=SCALING, input_shape=(220, 220, 220))
+    assert result.tiles == 8
+    np.testing.assert_allclose(read_all(out), original_output, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(read_all(out), whole_default[1], atol=1e-5, rtol=0)
+
+
+def test_aligned_blocks_equal_whole(whole_default, synthetic_n5, model_path, tmp_path):
     path, _ = synthetic_n5
     source = open_volume(path, "c1/s0")
     out = new_output(tmp_path, source)
     for start, end in [((0, 0, 0), (64, 140, 130)), ((64, 0, 0), (150, 64, 130)), ((64, 64, 0), (150, 140, 130))]:
         segment_block(source, out, model_path, start, end, scaling=SCALING)
-    np.testing.assert_array_equal(read_all(out), whole_220[1])
+    np.testing.assert_array_equal(read_all(out), whole_default[1])
 
 
 @pytest.fixture(scope="session")

@@ -442,9 +442,11 @@ def test_segment_volume_uses_the_trained_model(resumed, tmp_path):
                check=True)
     proc = run_script("segment_volume.py", "-i", tmp_path / "in.n5", "-id", "c1/s0", "-o", tmp_path / "out.n5",
                       "-od", "c1/s0", "-m", out / "m_best.h5", "-s", repr(factor), "--no-progress", check=True)
-    # no tile flags: the model file's own tile shape is used
-    stride = TILE_OUT // 4 * 4  # the n_blocks=1 model's grid is 4
-    n_tiles = np.prod([-(-n // stride) for n in spec.shape])
+    # no tile flags: the default tiles for this image and the model's depth (n_blocks=1: grid 4)
+    from exllsm_neuronseg.unet import default_tile_shape, output_size
+
+    strides = [output_size(s, 1) // 4 * 4 for s in default_tile_shape(spec.shape, 1)]
+    n_tiles = np.prod([-(-n // stride) for n, stride in zip(spec.shape, strides)])
     assert f": {n_tiles} tiles in" in proc.stdout
     prob = np.asarray(open_volume(tmp_path / "out.n5", "c1/s0").read(Box((0, 0, 0), spec.shape)))
     assert prob.shape == spec.shape and 0.0 <= prob.min() and prob.max() <= 1.0

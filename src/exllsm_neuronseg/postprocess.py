@@ -7,12 +7,13 @@ flood-filling once per seed.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    from scipy import ndimage  # imported on use: segmenting without post-processing never needs it
+
     labels = np.empty(mask.shape, dtype=np.int32)
     n = ndimage.label(mask, structure=STRUCTURE_26, output=labels)
     return labels, int(n)

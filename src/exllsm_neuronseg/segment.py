@@ -2,10 +2,11 @@
 
 ``segment_block`` predicts one block ``[start, end)`` of an input dataset into an output dataset.
 Tiles sit on a global grid (see :mod:`.geometry`), so the result does not depend on how the
-volume is cut into blocks.  Tiles stream row by row (x fastest, z slowest: the N5 storage order): the
-next row's input is read while the current one is predicted, and finished output chunk rows are
-encoded and written by a thread pool while prediction goes on.  Peak memory is two rows of
-input, one chunk row plus one slab of output, and the model's working set for one batch.
+volume is cut into blocks.  Tiles stream in storage order (x fastest, z slowest): the
+next tile's input is read while the current one is predicted, and every output chunk is encoded
+and written by a thread pool as soon as it is complete, while prediction goes on.  Peak memory is
+two tiles of input, the output chunks not yet complete or written, and the model's working set
+for one tile.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .errors import GeometryError
 from .geometry import XYZ, Box, TileGrid, check_block, check_chunk_aligned, format_xyz
 from .postprocess import post_process
 from .scaling import check_scaling_factor, intensity_histogram, scaling_factor_from_histogram
-from .volume import Volume, check_output_volume, io_executor, split_by_chunks
+from .volume import Volume, check_output_volume, io_executor, lower_thread_priority, split_by_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
     from .unet import UNetConfig
@@ -134,62 +135,57 @@ def block_scaling_factor(volume: Volume, block: Box, context: XYZ, executor=None
 # --------------------------------------------------------------------------------------------
 
 
-class _OutputRows:
-    """Collects predicted z-slabs of a block and writes whole chunk rows as soon as they are complete.
+class _OutputChunks:
+    """Collects the block's output by output chunk and writes each chunk as soon as it is complete.
 
-    Slabs are kept as separate arrays (no re-allocation as the block grows); a chunk row that
-    spans two slabs is joined when it is written.  With ``keep_all`` (post-processing needs the
-    whole block) nothing is written before ``flush(final=True)``.
+    Tiles own disjoint boxes of the block.  A chunk that one tile fills whole is written straight
+    from the tile's result; a chunk that several tiles share is buffered until all its voxels have
+    arrived.  With the default tiles (output strides 256 and 128) on 128^3 or 64^3 chunks every
+    chunk comes from a single tile, so the block's output is never held in memory.  With
+    ``keep_all`` (post-processing needs the whole block) everything is kept in one array and
+    written by :meth:`write_all`.
     """
 
     def __init__(self, output: Volume, block: Box, dtype: np.dtype, executor, keep_all: bool) -> None:
         self.output, self.block, self.dtype, self.executor = output, block, dtype, executor
-        self.keep_all = keep_all
-        self.z0 = block.start[2]  # first z not yet written
-        self.slabs: list[tuple[int, np.ndarray]] = []  # (first z, z,y,x array), in z order
+        self.whole = np.zeros(block.shape[::-1], dtype=dtype) if keep_all else None
+        self.buffers: dict[XYZ, tuple[np.ndarray, int]] = {}  # chunk piece start -> (z,y,x data, voxels filled)
         self.pending: list[Future] = []
         self.write_seconds = 0.0
 
-    def new_slab(self, z0: int, z1: int) -> np.ndarray:
-        slab = np.zeros((z1 - z0, self.block.shape[1], self.block.shape[0]), dtype=self.dtype)
-        self.slabs.append((z0, slab))
-        return slab
-
-    def rows(self, z0: int, z1: int) -> np.ndarray:
-        """The z,y,x rows ``[z0, z1)`` (a view when they lie in one slab)."""
-        parts = []
-        for s0, slab in self.slabs:
-            a, b = max(z0, s0), min(z1, s0 + slab.shape[0])
-            if a < b:
-                parts.append(slab[a - s0 : b - s0])
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def whole(self) -> np.ndarray:
-        """All rows of the block as one z,y,x array (joins the slabs once)."""
-        data = self.rows(self.block.start[2], self.block.end[2])
-        self.slabs = [(self.block.start[2], data)]
-        return data
-
-    def flush(self, complete_to: int, final: bool = False) -> None:
-        """Write every whole chunk row below ``complete_to`` (everything when ``final``)."""
-        if self.keep_all and not final:
+    def put(self, box: Box, data_zyx: np.ndarray) -> None:
+        """Store the result for ``box`` (inside the block); write the chunks it completes."""
+        if self.whole is not None:
+            self.whole[box.slices(self.block.start)[::-1]] = data_zyx
             return
-        cz = self.output.chunks[2]
-        end = complete_to if final else max(self.z0, complete_to // cz * cz)
-        end = min(end, self.block.end[2])
-        if end <= self.z0:
-            return
-        box = Box((self.block.start[0], self.block.start[1], self.z0), (self.block.end[0], self.block.end[1], end))
-        cuts = [self.z0, *range((self.z0 // cz + 1) * cz, end, cz), end]
-        for r0, r1 in zip(cuts[:-1], cuts[1:]):
-            row = Box((box.start[0], box.start[1], r0), (box.end[0], box.end[1], r1))
-            data = self.rows(r0, r1)
-            for piece in split_by_chunks(row, self.output.chunks):
-                part = data[piece.slices(row.start)[::-1]]
-                self.pending.append(self.executor.submit(self._write, piece.start, part))
-        self.z0 = end
-        # slabs wholly written are dropped here; running writes keep their views alive until done
-        self.slabs = [(s0, slab) for s0, slab in self.slabs if s0 + slab.shape[0] > end]
+        for piece in split_by_chunks(box, self.output.chunks):
+            chunk_piece = _chunk_piece(piece, self.output.chunks).intersect(self.block)
+            part = data_zyx[piece.slices(box.start)[::-1]]
+            if chunk_piece == piece:
+                self._submit(piece.start, part)
+                continue
+            buffer, filled = self.buffers.get(chunk_piece.start, (None, 0))
+            if buffer is None:
+                buffer = np.empty(chunk_piece.shape[::-1], dtype=self.dtype)
+            buffer[piece.slices(chunk_piece.start)[::-1]] = part
+            filled += piece.size
+            if filled == chunk_piece.size:
+                self.buffers.pop(chunk_piece.start, None)
+                self._submit(chunk_piece.start, buffer)
+            else:
+                self.buffers[chunk_piece.start] = (buffer, filled)
+        self._collect()
+
+    def write_all(self) -> None:
+        """Write the whole block (``keep_all``)."""
+        assert self.whole is not None
+        for piece in split_by_chunks(self.block, self.output.chunks):
+            self._submit(piece.start, self.whole[piece.slices(self.block.start)[::-1]])
+
+    def _submit(self, start: XYZ, data_zyx: np.ndarray) -> None:
+        self.pending.append(self.executor.submit(self._write, start, data_zyx))
+
+    def _collect(self) -> None:
         running = []
         for f in self.pending:
             if f.done():
@@ -204,9 +200,17 @@ class _OutputRows:
         self.write_seconds += time.perf_counter() - t
 
     def wait(self) -> None:
+        if self.buffers:  # pragma: no cover - tiles always cover the block
+            raise GeometryError(f"{len(self.buffers)} output chunks were not completely predicted")
         for f in self.pending:
             f.result()
         self.pending.clear()
+
+
+def _chunk_piece(box: Box, chunks: XYZ) -> Box:
+    """The whole chunk that holds ``box`` (which lies inside one chunk)."""
+    start = tuple(s // c * c for s, c in zip(box.start, chunks))
+    return Box(start, tuple(s + c for s, c in zip(start, chunks)))  # type: ignore[arg-type]
 
 
 def plan_block(
@@ -247,16 +251,17 @@ def segment_block(
 
     Everything is validated before the first voxel is written: block inside the image, tile
     shapes valid for the model, output dims and dtype, chunk alignment (unless
-    ``allow_unaligned``) and the scaling factor.  The tile shape defaults to the one stored in
-    the model file (220^3 for the published model).  ``progress(tiles_done, tiles_total)`` is
-    called after every batch.
+    ``allow_unaligned``) and the scaling factor.  ``input_shape`` is the tile shape; it defaults
+    to :func:`.unet.default_tile_shape` of the image.  Tiles run one at a time (``batch_size`` is
+    checked and kept for the original's flag).  ``progress(tiles_done, tiles_total)`` is called
+    after every tile.
     """
-    from .unet import cached_predictor, read_model_weights
+    from .unet import cached_predictor, default_tile_shape, read_model_weights
 
     t_start = time.perf_counter()
     weights = read_model_weights(model_path)  # fails fast on a bad model file
     if input_shape is None:
-        input_shape = weights.input_shape or (220, 220, 220)
+        input_shape = default_tile_shape(input_volume.shape, weights.config.n_blocks)
     block, grid = plan_block(input_volume, start, end, input_shape, output_shape, weights.config)
     check_output_volume(output_volume, input_volume.shape, binary)
     if not allow_unaligned:
@@ -264,10 +269,10 @@ def segment_block(
     if batch_size < 1:
         raise GeometryError(f"batch size {batch_size} must be >= 1")
 
-    executor = io_executor(io_threads)  # chunk decoding and encoding
-    # Reading a row waits on chunk tasks in ``executor``; it runs in its own thread so it can never
+    executor = io_executor(io_threads, background=True)  # chunk decoding and encoding
+    # Reading a tile waits on chunk tasks in ``executor``; it runs in its own thread so it can never
     # occupy the pool it waits on (with one I/O thread that would deadlock).
-    prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-prefetch")
+    prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-prefetch", initializer=lower_thread_priority)
     try:
         if scaling is None:
             warn(
@@ -290,63 +295,38 @@ def segment_block(
             return SegmentationResult(block, n_tiles, time.perf_counter() - t_start, scaling, skipped=True)
         clear_block_done(output_volume, block)
 
+        def read_tile(index: tuple[int, int, int]) -> tuple[np.ndarray, float]:
+            """One tile's input in z,y,x storage order and raw dtype (read one tile ahead)."""
+            t = time.perf_counter()
+            return input_volume.read_reflect_zyx(grid.input_box(index), executor), time.perf_counter() - t
+
+        rx, ry, rz = grid.tile_indices(block)
+        order = [(kx, ky, kz) for kz in rz for ky in ry for kx in rx]  # storage order: x fastest
+        next_tile = prefetcher.submit(read_tile, order[0])  # reads while TensorFlow loads
         predictor = cached_predictor(model_path, grid.input_shape, batch_size=batch_size, binary=binary, axes="zyx")
         result = SegmentationResult(block, n_tiles, 0.0, scaling)
         result.flops = predictor.flops_per_tile() * n_tiles
         out_dtype = np.dtype(np.uint8) if binary else np.dtype(np.float32)
-        rows = _OutputRows(output_volume, block, out_dtype, executor, keep_all=post_processing is not None)
-        factor = np.float32(scaling)
-
-        rx, ry, rz = grid.tile_indices(block)
-        done = 0
-
-        def row_window(ky: int, kz: int) -> Box:
-            """Input of one row of tiles along x (rows are read one ahead of the computation)."""
-            return Box(grid.input_box((rx[0], ky, kz)).start, grid.input_box((rx[-1], ky, kz)).end)
-
-        def read_row(ky: int, kz: int) -> tuple[Box, np.ndarray, float]:
+        results = _OutputChunks(output_volume, block, out_dtype, executor, keep_all=post_processing is not None)
+        factor = float(np.float32(scaling))
+        for done, index in enumerate(order, start=1):
+            tile, read_s = next_tile.result()
+            result.read_seconds += read_s
+            if done < len(order):
+                next_tile = prefetcher.submit(read_tile, order[done])
+            # the engine mirrors its kernels for z,y,x and scales in float32 on the way in
             t = time.perf_counter()
-            window = row_window(ky, kz)
-            return window, input_volume.read_reflect_zyx(window, executor), time.perf_counter() - t
-
-        row_order = [(ky, kz) for kz in rz for ky in ry]
-        next_row = prefetcher.submit(read_row, *row_order[0])
-        n_row = 0
-        for kz in rz:
-            owned_z = grid.owned((0, 0, kz)).intersect(Box((0, 0, block.start[2]), (1, 1, block.end[2])))
-            z0, z1 = owned_z.start[2], owned_z.end[2]
-            slab_out = rows.new_slab(z0, z1)
-            for ky in ry:
-                window, data, read_s = next_row.result()
-                result.read_seconds += read_s
-                n_row += 1
-                if n_row < len(row_order):
-                    next_row = prefetcher.submit(read_row, *row_order[n_row])
-                tiles = [(kx, ky, kz) for kx in rx]
-                for b in range(0, len(tiles), batch_size):
-                    batch_idx = tiles[b : b + batch_size]
-                    # tiles stay in z,y,x storage order: the predictor's kernels are mirrored instead
-                    batch = np.zeros((batch_size, *grid.input_shape[::-1]), dtype=np.float32)
-                    for i, index in enumerate(batch_idx):
-                        sl = grid.input_box(index).slices(window.start)
-                        np.multiply(data[sl[::-1]], factor, out=batch[i], casting="unsafe")
-                    t = time.perf_counter()
-                    predicted = predictor.predict(batch)
-                    result.compute_seconds += time.perf_counter() - t
-                    for i, index in enumerate(batch_idx):
-                        out_box = grid.output_box(index)
-                        target = grid.owned(index).intersect(block)
-                        x_sl, y_sl, _ = target.slices(block.start)
-                        slab_out[:, y_sl, x_sl] = predicted[i][target.slices(out_box.start)[::-1]]
-                    done += len(batch_idx)
-                    if progress:
-                        progress(done, n_tiles)
-                del data
-            rows.flush(z1)
+            predicted = predictor.predict(tile, factor)[0]
+            result.compute_seconds += time.perf_counter() - t
+            del tile
+            target = grid.owned(index).intersect(block)
+            results.put(target, predicted[target.slices(grid.output_box(index).start)[::-1]])
+            if progress:
+                progress(done, n_tiles)
 
         if post_processing is not None:
             t = time.perf_counter()
-            prob_xyz = rows.whole().transpose(2, 1, 0)  # a view: post-processing works in place
+            prob_xyz = results.whole.transpose(2, 1, 0)  # a view: post-processing works in place
             post_process(
                 prob_xyz,
                 post_processing.high_threshold,
@@ -355,9 +335,9 @@ def segment_block(
                 post_processing.small_region_size_threshold,
             )
             result.compute_seconds += time.perf_counter() - t
-        rows.flush(block.end[2], final=True)
-        rows.wait()
-        result.write_seconds = rows.write_seconds
+            results.write_all()
+        results.wait()
+        result.write_seconds = results.write_seconds
         result.seconds = time.perf_counter() - t_start
         mark_block_done(
             output_volume,

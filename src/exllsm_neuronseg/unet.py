@@ -117,6 +117,30 @@ def describe_valid_sizes(n_blocks: int = 2) -> str:
     )
 
 
+PREFERRED_TILE_SHAPE = (348, 348, 220)  # x,y,z
+
+
+def default_tile_shape(image_shape: Sequence[int], n_blocks: int = 2) -> tuple[int, int, int]:
+    """The tile shape (x,y,z input edges) used when none is given.
+
+    348 x 348 x 220 tiles (output 260 x 260 x 132, on a global grid of stride 256 x 256 x 128, so
+    512-blocks hold whole tiles) do about 25% less work per voxel than 220^3 tiles and keep the
+    working set near 1 GB; z is the short edge because it is the slab axis of the output buffer.
+    Along an axis shorter than that tile's stride the smallest tile covering it is used.  The
+    choice depends only on the image, so every block of a volume uses the same tiles.
+    """
+    grid = 2 ** (n_blocks + 1)
+    shape = []
+    for extent, preferred in zip(image_shape, PREFERRED_TILE_SHAPE):
+        edge = preferred
+        for s in valid_input_sizes(n_blocks, preferred):
+            if output_size(s, n_blocks) // grid * grid >= extent:  # one tile's stride covers the axis
+                edge = s
+                break
+        shape.append(edge)
+    return tuple(shape)  # type: ignore[return-value]
+
+
 def check_tile_shapes(
     input_shape: Sequence[int], output_shape: Sequence[int] | None, n_blocks: int = 2
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -396,6 +420,37 @@ class ModelWeights:
                 target.set_weights([kernel, bias])
 
 
+    def kernels(self, axes: str = "xyz") -> dict[str, Any]:
+        """The (kernel, bias) pairs grouped by block, spatial kernel axes in ``axes`` array order.
+
+        Keys: ``input`` (2 convs), ``down`` (per level, 2 convs), ``bottleneck`` (2 convs and the
+        transposed conv), ``up`` (per level from the deepest, 2 convs and the transposed conv),
+        ``output`` (2 convs and the 1x1 logits conv).
+        """
+        if axes not in ("xyz", "zyx"):
+            raise ValueError(f"axes must be 'xyz' or 'zyx', got {axes!r}")
+        nb = self.config.n_blocks
+        names = {
+            "input": ["input_block"],
+            "down": ["downsample_block" if k == 1 else f"downsample_block_{k - 1}" for k in range(1, nb + 1)],
+            "bottleneck": ["bottleneck_block"],
+            "up": ["upsample_block" if i == 0 else f"upsample_block_{i}" for i in range(nb)],
+            "output": ["output_block"],
+        }
+
+        def pairs(name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+            if name not in self.layers:
+                raise ModelError(f"{self.path}: layer {name!r} has no weights; not this U-Net")
+            if axes == "xyz":
+                return list(self.layers[name])
+            return [(np.ascontiguousarray(k.transpose(2, 1, 0, 3, 4)), b) for k, b in self.layers[name]]
+
+        out: dict[str, Any] = {key: [pairs(n) for n in group] for key, group in names.items()}
+        for key in ("input", "bottleneck", "output"):
+            out[key] = out[key][0]
+        return out
+
+
 def _decode(value: Any) -> str:
     return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
@@ -547,12 +602,13 @@ _PREDICTORS: dict[tuple, "TilePredictor"] = {}
 
 
 class TilePredictor:
-    """Runs the model on tiles of one fixed shape through a ``tf.function``.
+    """Runs the model on tiles of one fixed shape (see :class:`.inference.TileEngine`).
 
-    ``predict(batch)`` takes float32 ``(n, x, y, z)`` tiles (already scaled) and returns the
-    neuron probability (softmax channel 1, float32) or, with ``binary=True``, the argmax as
-    uint8 0/1, of shape ``(n, *output_shape)``.  With ``axes="zyx"`` tiles and results are in
-    z,y,x order instead (the model's kernels are mirrored; ``input_shape`` stays x,y,z).
+    ``predict(tiles, scale)`` takes ``(n, x, y, z)`` tiles of any numeric dtype (multiplied by
+    ``scale`` in float32 on the way in) and returns the neuron probability (softmax channel 1,
+    float32) or, with ``binary=True``, the argmax as uint8 0/1, of shape ``(n, *output_shape)``.
+    With ``axes="zyx"`` tiles and results are in z,y,x order instead (the kernels are mirrored;
+    ``input_shape`` stays x,y,z).  Tiles run one at a time: a tile is already a large batch of work.
     """
 
     def __init__(
@@ -563,47 +619,42 @@ class TilePredictor:
         binary: bool = False,
         axes: str = "xyz",
     ) -> None:
-        import tensorflow as tf
+        from .inference import TileEngine
 
         weights = read_model_weights(model_path)
         self.config = weights.config
         self.input_shape, self.output_shape = check_tile_shapes(input_shape, None, weights.config.n_blocks)
+        if batch_size < 1:
+            raise GeometryError(f"batch size {batch_size} must be >= 1")
         self.batch_size = int(batch_size)
         self.binary = binary
         self.axes = axes
         array_shape = self.input_shape if axes == "xyz" else self.input_shape[::-1]
-        self.model = build_unet(array_shape, weights.config)
-        weights.apply_to(self.model, axes)
-        model = self.model
-        # One fixed input shape: one traced graph, and every tile runs through identical kernels.
-        signature = [tf.TensorSpec([self.batch_size, *array_shape], tf.float32)]
-
-        @tf.function(input_signature=signature, jit_compile=False)
-        def _run(x):
-            logits = model(x[..., None], training=False)
-            if binary:
-                return tf.cast(tf.argmax(logits, axis=-1), tf.uint8)
-            return tf.nn.softmax(logits, axis=-1)[..., 1]
-
-        self._run = _run
+        self.engine = TileEngine(weights, array_shape, axes=axes, binary=binary)
 
     @property
     def margin(self) -> tuple[int, int, int]:
         return tuple((i - o) // 2 for i, o in zip(self.input_shape, self.output_shape))  # type: ignore
 
-    def predict(self, tiles: np.ndarray) -> np.ndarray:
-        """Predict ``n <= batch_size`` tiles (a short batch is padded with zeros and cut again)."""
+    def _tiles(self, tiles: np.ndarray) -> np.ndarray:
         if tiles.ndim == 3:
             tiles = tiles[None]
-        n = tiles.shape[0]
-        if n > self.batch_size:
-            raise GeometryError(f"{n} tiles given to a predictor built for batches of {self.batch_size}")
-        if n < self.batch_size:
-            tiles = np.concatenate([tiles, np.zeros((self.batch_size - n, *tiles.shape[1:]), tiles.dtype)])
-        return self._run(np.ascontiguousarray(tiles, dtype=np.float32)).numpy()[:n]
+        if tiles.shape[0] > self.batch_size:
+            raise GeometryError(f"{tiles.shape[0]} tiles given to a predictor built for batches of {self.batch_size}")
+        return tiles
+
+    def predict(self, tiles: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """Probability (or binary mask) of ``n <= batch_size`` tiles."""
+        results = [self.engine.predict(tile, scale)[None] for tile in self._tiles(tiles)]
+        return results[0] if len(results) == 1 else np.concatenate(results)
+
+    def predict_logits(self, tiles: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """Raw logits ``(n, *output_shape, n_classes)`` of ``n <= batch_size`` tiles."""
+        return np.stack([self.engine.predict_logits(tile, scale) for tile in self._tiles(tiles)])
 
     def flops_per_tile(self) -> float:
-        """Floating-point operations of one forward pass (2 per multiply-add, convolutions only)."""
+        """Convolution FLOPs of the original graph for one tile (the useful work; the engine's
+        rewritten graph does fewer)."""
         return conv_flops(self.input_shape, self.config)
 
 

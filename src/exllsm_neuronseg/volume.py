@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,11 @@ class Volume:
         pieces = list(split_by_chunks(box, self.chunks))
 
         def load(piece: Box) -> None:
-            out[piece.slices(box.start)[::-1]] = self.read_zyx(piece)
+            (x0, y0, z0), (x1, y1, z1) = piece.start, piece.end
+            # decoded straight into the output (zarr copies the chunk's selection once)
+            self.array.get_basic_selection(
+                (slice(z0, z1), slice(y0, y1), slice(x0, x1)), out=out[piece.slices(box.start)[::-1]]
+            )
 
         if executor is None:
             for p in pieces:
@@ -335,9 +340,30 @@ def default_io_threads() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
-def io_executor(threads: int | None = None) -> ThreadPoolExecutor:
-    """A pool for chunk decoding/encoding.  Tasks in it must not wait on other tasks in it."""
-    return ThreadPoolExecutor(max_workers=threads or default_io_threads(), thread_name_prefix="volume-io")
+def io_executor(threads: int | None = None, background: bool = False) -> ThreadPoolExecutor:
+    """A pool for chunk decoding/encoding.  Tasks in it must not wait on other tasks in it.
+
+    With ``background`` its threads run at the lowest CPU priority (Linux ``nice`` 19 per thread):
+    they then fill the cores whenever the model leaves one idle instead of slowing every
+    multi-threaded model operation down to the pace of its slowest thread.
+    """
+    return ThreadPoolExecutor(
+        max_workers=threads or default_io_threads(),
+        thread_name_prefix="volume-io",
+        initializer=lower_thread_priority if background else None,
+    )
+
+
+def lower_thread_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux threads have their own nice value)."""
+    tid = threading.get_native_id()
+    try:  # SCHED_IDLE: runs only on a core nothing else wants, yields at once when one is needed
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux, or not permitted
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+        except (AttributeError, OSError):
+            pass
 
 
 def check_output_volume(output: Volume, image_shape: XYZ, binary: bool) -> None:

@@ -1,0 +1,399 @@
+"""Fast, memory-bounded inference of the U-Net on one tile (same function as the Keras model).
+
+The Keras model (:func:`.unet.build_unet`) is what training uses and what the file format
+describes; this module runs the *same weights* faster by rewriting the graph exactly:
+
+* **Transposed convolution fused into the next convolution.**  Every ``Conv3DTranspose``
+  (kernel 2, stride 2, linear) is followed by a concatenation and a valid 3x3x3 convolution.
+  Both are linear, so their composition on the upsampled channels is one 2x2x2 convolution on the
+  coarse grid with 8x the output channels (one group per output parity), followed by a
+  depth-to-space shuffle.  The skip channels get their own 3x3x3 convolution, the two are added
+  and ReLU follows.  The upsampled tensor and the concatenation are never built, and the
+  convolution work on the upsampled channels drops from 27 taps to 8.
+* **Full-resolution layers x-stacked.**  Convolutions with 1-16 channels run far below the
+  machine's peak.  Reading an ``(..., X, C)`` array as ``(..., X/2, 2C)`` (a free reshape: each
+  pair of neighbours along the last axis becomes one position with both parities as channels)
+  turns a 3x3x3 convolution into a 3x3x2 one with twice the channels in and out.  33% more
+  multiply-adds, run at about twice the speed.
+* **Level 0 in slabs.**  The full-resolution layers (input block, output block) run in slabs
+  along the first array axis, so the largest full-resolution tensors exist one slab at a time and
+  larger tiles (which waste less work on margins) fit in memory.
+
+Sums are re-associated, so results differ from the Keras model by float32 rounding only
+(~1e-6 relative; tests compare both).  Every tile of one shape runs the same sequence of
+kernels, so results do not depend on where a tile sits.
+
+Arrays are in the order of the caller's axes (z,y,x for N5 storage order, with the kernels'
+spatial axes mirrored to match: see :meth:`.unet.ModelWeights.apply_to`); slabs run along the
+first axis and stacking uses the last.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import GeometryError
+from .unet import ModelWeights, check_tile_shapes, skip_crops
+
+Kernel = tuple[np.ndarray, np.ndarray]  # (kernel, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact weight rewrites (numpy, float64 sums)
+# --------------------------------------------------------------------------------------------
+
+
+def fuse_upsampling(transposed: Kernel, conv: Kernel) -> Kernel:
+    """Compose ``Conv3DTranspose(k=2, s=2)`` with a valid 3x3x3 conv on its output channels.
+
+    ``transposed``: kernel ``(2,2,2,Cm,Ci)`` (Keras layout: out, in), bias ``(Cm,)``.
+    ``conv``: kernel ``(3,3,3,Cm,Co)`` restricted to the upsampled channels, bias ``(Co,)``.
+    Returns a 2x2x2 kernel ``(2,2,2,Ci,8*Co)`` whose output channels are ordered
+    ``(p0, p1, p2, co)`` (the parity of the fine position along each axis) and its bias: the
+    conv's bias plus the transposed conv's bias carried through all 27 taps.
+
+    Fine position ``2m + p`` of the conv output reads fine positions ``2m + p + t`` (t = 0..2),
+    which lie in coarse cell ``m + (p + t) // 2`` at transposed-kernel tap ``(p + t) % 2``.
+    """
+    wt, bt = (np.asarray(a, np.float64) for a in transposed)
+    wc, bc = (np.asarray(a, np.float64) for a in conv)
+    ci, co = wt.shape[4], wc.shape[4]
+    fused = np.zeros((2, 2, 2, ci, 2, 2, 2, co))
+    for p in np.ndindex(2, 2, 2):
+        for t in np.ndindex(3, 3, 3):
+            cell = tuple((pi + ti) // 2 for pi, ti in zip(p, t))
+            tap = tuple((pi + ti) % 2 for pi, ti in zip(p, t))
+            fused[cell + (slice(None),) + p] += wt[tap].T @ wc[t]
+    bias = bc + np.einsum("abcmo,m->o", wc, bt)
+    return fused.reshape(2, 2, 2, ci, 8 * co).astype(np.float32), bias.astype(np.float32)
+
+
+def stack_last_axis(kernel: np.ndarray) -> np.ndarray:
+    """A 3x3x3 kernel ``(3,3,3,Ci,Co)`` for arrays read as ``(..., X/2, 2*C)`` along the last axis.
+
+    Input channel ``pi*Ci + c`` is fine position ``2(m + a) + pi``; output channel ``po*Co + d``
+    is fine position ``2m + po``; so tap ``a`` (0 or 1) of the stacked kernel carries original tap
+    ``t = 2a + pi - po`` when that lies in 0..2.
+    """
+    k = np.asarray(kernel, np.float32)
+    ci, co = k.shape[3], k.shape[4]
+    out = np.zeros((k.shape[0], k.shape[1], 2, 2 * ci, 2 * co), np.float32)
+    for a in range(2):
+        for pi in range(2):
+            for po in range(2):
+                t = 2 * a + pi - po
+                if 0 <= t <= 2:
+                    out[:, :, a, pi * ci : (pi + 1) * ci, po * co : (po + 1) * co] = k[:, :, t]
+    return out
+
+
+def stack_pointwise(kernel: np.ndarray) -> np.ndarray:
+    """A 1x1x1 kernel ``(1,1,1,Ci,Co)`` for stacked arrays: block-diagonal over the two parities."""
+    k = np.asarray(kernel, np.float32)
+    ci, co = k.shape[3], k.shape[4]
+    out = np.zeros((1, 1, 1, 2 * ci, 2 * co), np.float32)
+    for p in range(2):
+        out[..., p * ci : (p + 1) * ci, p * co : (p + 1) * co] = k
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tile geometry of the rewritten graph
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Sizes along one axis for a tile edge (all derived from the valid-convolution arithmetic)."""
+
+    tile: int  # input edge
+    output: int  # output edge
+    pooled: int  # level-1 size after the input block's pooling
+    coarse: int  # level-1 size of the decoder tensor that feeds the output block
+    skip_start: int  # where the output block's skip crop starts in the input block's output
+    skip_size: int  # its size (= 2 * coarse)
+
+
+def _axis_geometry(tile: int, n_blocks: int, output: int) -> _Geometry:
+    level0 = tile - 4
+    crop = skip_crops(tile, n_blocks)[0]
+    coarse = (output + 2) // 2 + 1  # the fused conv on `coarse` cells gives 2*coarse - 2 = output + 2
+    return _Geometry(tile, output, level0 // 2, coarse, crop // 2, level0 - crop)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+
+class TileEngine:
+    """The U-Net on tiles of one shape, as a chain of small ``tf.function`` s.
+
+    ``predict(tile, scale)`` takes one tile of ``input_shape`` (array order, any numeric dtype;
+    it is multiplied by ``scale`` in float32 on the way in) and returns the neuron probability
+    (softmax channel 1, float32) or, with ``binary``, the argmax as uint8, of ``output_shape``.
+    ``predict_logits`` returns the raw logits ``(*output_shape, n_classes)``.
+
+    The two full-resolution encoder levels run in slabs of ``slab_rows`` rows along the first
+    axis, then the deeper levels and the decoder up to level 1 run whole, then the output block
+    runs in slabs again.  Peak memory is about the input block's skip window (8 channels over the
+    output plus 4 voxels) plus the pooled level-1 tensor, instead of a dozen full-resolution
+    tensors.
+    """
+
+    def __init__(
+        self,
+        weights: ModelWeights,
+        input_shape: Sequence[int],
+        axes: str = "xyz",
+        binary: bool = False,
+        slab_rows: int = 24,
+    ) -> None:
+        import tensorflow as tf
+
+        config = weights.config
+        self.config = config
+        self.binary = binary
+        self.n_classes = config.n_classes
+        self.input_shape, self.output_shape = check_tile_shapes(input_shape, None, config.n_blocks)
+        if slab_rows < 2 or slab_rows % 2:
+            raise GeometryError(f"slab_rows must be an even number >= 2, got {slab_rows}")
+        self.slab_rows = slab_rows
+        self.geometry = [
+            _axis_geometry(t, config.n_blocks, o) for t, o in zip(self.input_shape, self.output_shape)
+        ]
+        self._tf = tf
+        const = lambda a: tf.constant(np.asarray(a, np.float32))  # noqa: E731
+        k = weights.kernels(axes)
+        nb, f0 = config.n_blocks, config.initial_filters
+        inb, downs, bott, ups, outb = k["input"], k["down"], k["bottleneck"], k["up"], k["output"]
+
+        # Encoder levels 0 and 1 run in slabs, x-stacked.  Each entry: (conv1, conv2, channels of
+        # conv2, skip window per axis in conv2-output coordinates).
+        windows = [[(g.skip_start, g.skip_start + g.skip_size) for g in self.geometry]]
+        windows += self._skip_windows()
+        self._slabbed = []
+        for level, convs in enumerate([inb, downs[0]]):
+            stacked = [const(stack_last_axis(kk)) for kk, _ in convs]
+            biases = [const(np.tile(bb, 2)) for _, bb in convs]
+            self._slabbed.append(
+                (list(zip(stacked, biases)), convs[1][0].shape[-1], windows[level])
+            )
+        edge = self.input_shape[2]
+        for level in range(2):  # stacking pairs neighbours along the last axis: every size there is even
+            sizes = [edge, edge - 2, edge - 4, *windows[level][2]]
+            if any(v % 2 for v in sizes):  # pragma: no cover - valid tile edges give even sizes
+                raise GeometryError(f"tile edge {self.input_shape[2]} gives odd sizes {sizes} at level {level}")
+            edge = (edge - 4) // 2
+        # deeper encoder levels and bottleneck run whole
+        self._downs = [[(const(kk), const(bb)) for kk, bb in d] for d in downs[1:]]
+        self._deep_windows = windows[2:]
+        self._bott = [(const(kk), const(bb)) for kk, bb in bott[:2]]
+        # decoder: every transposed conv fused into the next block's first conv
+        pairs = [(bott[2], ups[0][0])] + [(ups[i][2], ups[i + 1][0]) for i in range(nb - 1)]
+        pairs.append((ups[-1][2], outb[0]))
+        fused = []
+        for (wt, bt), (wc, bc) in pairs:
+            cm = wt.shape[3]
+            fk, fb = fuse_upsampling((wt, bt), (wc[..., :cm, :], bc))
+            fused.append((fk, fb, wc[..., cm:, :], wc.shape[-1]))
+        self._fused = [(const(fk), const(fb), const(sk), co) for fk, fb, sk, co in fused[:-1]]
+        self._ups = [(const(u[1][0]), const(u[1][1])) for u in ups]
+        # output block, x-stacked
+        fk, fb, skip_k, co = fused[-1]
+        self._out_up = (const(fk), const(np.tile(fb, 2)), co)
+        self._out_skip = const(stack_last_axis(skip_k))
+        self._out2 = (const(stack_last_axis(outb[1][0])), const(np.tile(outb[1][1], 2)))
+        self._logits = (const(stack_pointwise(outb[2][0])), const(np.tile(outb[2][1], 2)))
+        if self.n_classes == 2:
+            # softmax channel 1 of two logits is sigmoid(l1 - l0): one 1x1 conv to the difference
+            # (its weights are differences of the logits' weights), and no softmax over a 2-wide
+            # axis, which on CPU costs more than the rest of the output block but its convolutions.
+            w, b = outb[2]
+            self._margin = (const(stack_pointwise(w[..., 1:2] - w[..., 0:1])), const(np.tile(b[1:2] - b[0:1], 2)))
+        self._functions: dict[tuple, Any] = {}
+        self._mid = self._function(("middle",), self._middle)
+
+    def _function(self, key: tuple, fn):
+        """One ``tf.function`` per graph piece and slab position, each traced once (no retracing)."""
+        if key not in self._functions:
+            self._functions[key] = self._tf.function(fn, jit_compile=False, autograph=False)
+        return self._functions[key]
+
+    def _enc(self, rows, scale, level: int, a: int, b: int, first: int):
+        key = ("encoder", level, a, b, first, len(rows))
+        fn = self._function(key, functools.partial(self._encoder_slab, level=level, a=a, b=b, first=first))
+        return fn(rows, scale)
+
+    def _dec(self, coarse, skip_parts, skip_first: int, u: int, v: int, mode: str):
+        key = ("decoder", len(skip_parts), skip_first, u, v, mode)
+        fn = self._function(key, functools.partial(self._decoder_slab, skip_first=skip_first, u=u, v=v, mode=mode))
+        return fn(coarse, skip_parts)
+
+    def _skip_windows(self) -> list[list[tuple[int, int]]]:
+        """Per down level 1..n_blocks, the centre crop of its skip that the decoder uses."""
+        wins = []
+        for level in range(1, self.config.n_blocks + 1):
+            per_axis = []
+            for t in self.input_shape:
+                size = t - 4
+                for _ in range(level):
+                    size = size // 2 - 4
+                crop = skip_crops(t, self.config.n_blocks)[level]
+                per_axis.append((crop // 2, crop // 2 + size - crop))
+            wins.append(per_axis)
+        return wins
+
+    # ---- graph pieces (each traced once per slab position) --------------------------------------
+
+    def _conv(self, x, kb, relu=True):
+        tf = self._tf
+        y = tf.nn.conv3d(x, kb[0], [1, 1, 1, 1, 1], "VALID") + kb[1]
+        return tf.nn.relu(y) if relu else y
+
+    def _encoder_slab(self, parts, scale, level: int, a: int, b: int, first: int):
+        """Encoder ``level`` on its input rows ``[2a, 2b + 4)``.  ``parts`` hold consecutive input
+        rows from row ``first`` on (level 0: the tile, scaled here; level 1: pooled slabs).
+        Returns the pooled rows ``[a, b)`` of the next level and the conv output rows
+        ``[2a, 2b)`` that fall in the skip window (x-stacked)."""
+        tf = self._tf
+        convs, channels, window = self._slabbed[level]
+        if level == 0:
+            rows = tf.cast(parts[0][2 * a - first : 2 * b + 4 - first], tf.float32) * scale
+            rows = rows[None, ..., None]
+        else:
+            rows = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+            rows = rows[:, 2 * a - first : 2 * b + 4 - first]
+        n, r, n1, n2, c = rows.shape
+        x = tf.reshape(rows, [n, r, n1, n2 // 2, 2 * c])
+        x = self._conv(self._conv(x, convs[0]), convs[1])  # (1, 2(b-a), Y, X/2, 2*channels)
+        (z0, z1), (y0, y1), (x0, x1) = window
+        lo, hi = max(2 * a, z0), max(min(2 * b, z1), max(2 * a, z0))
+        skip = x[:, lo - 2 * a : hi - 2 * a, y0:y1, x0 // 2 : x1 // 2]
+        # 2x2x2 max-pooling: 2x2 along the first two axes, then over the two parities of the
+        # stacked channels (the last axis)
+        pooled = tf.nn.max_pool3d(x, [1, 2, 2, 1, 1], [1, 2, 2, 1, 1], "VALID")
+        pooled = tf.maximum(pooled[..., :channels], pooled[..., channels:])
+        return pooled, skip
+
+    def _middle(self, pooled_parts, skip_parts):
+        """Levels 2.. of the encoder, the bottleneck and the decoder up to the tensor that feeds
+        the output block (level 1).  ``skip_parts`` are the level-1 skip rows (x-stacked)."""
+        tf = self._tf
+        x = tf.concat(pooled_parts, axis=1)
+        skip1 = tf.concat(skip_parts, axis=1)
+        n, r, ny, nx2, c2 = skip1.shape
+        skips = [tf.reshape(skip1, [n, r, ny, nx2 * 2, c2 // 2])]
+        for (c1, c2), window in zip(self._downs, self._deep_windows):
+            s = self._conv(self._conv(x, c1), c2)
+            (z0, z1), (y0, y1), (x0, x1) = window
+            skips.append(s[:, z0:z1, y0:y1, x0:x1])
+            x = tf.nn.max_pool3d(s, 2, 2, "VALID")
+        x = self._conv(self._conv(x, self._bott[0]), self._bott[1])
+        for (fk, fb, skip_k, co), skip, conv2 in zip(self._fused, reversed(skips), self._ups):
+            up = _depth_to_space(tf, tf.nn.conv3d(x, fk, [1, 1, 1, 1, 1], "VALID"), co, stacked=False)
+            x = tf.nn.relu(up + tf.nn.conv3d(skip, skip_k, [1, 1, 1, 1, 1], "VALID") + fb)
+            x = self._conv(x, conv2)
+        return x
+
+    def _decoder_slab(self, coarse, skip_parts, skip_first: int, u: int, v: int, mode: str):
+        """Output rows ``[u, v)`` from level-1 rows ``[u/2, v/2 + 2)`` and skip rows ``[u, v + 4)``
+        (``skip_parts`` hold consecutive skip rows from ``skip_first`` on)."""
+        tf = self._tf
+        skip = tf.concat(skip_parts, axis=1) if len(skip_parts) > 1 else skip_parts[0]
+        skip = skip[:, u - skip_first : v + 4 - skip_first]
+        fk, fb, co = self._out_up
+        up = tf.nn.conv3d(coarse[:, u // 2 : v // 2 + 2], fk, [1, 1, 1, 1, 1], "VALID")
+        up = _depth_to_space(tf, up, co, stacked=True)
+        x = tf.nn.relu(up + tf.nn.conv3d(skip, self._out_skip, [1, 1, 1, 1, 1], "VALID") + fb)
+        x = self._conv(x, self._out2)
+        if mode != "logits" and self.n_classes == 2:
+            margin = self._conv(x, self._margin, relu=False)  # (1, rows, Y, X/2, 2): l1 - l0
+            _, rows, ny, nx2, _ = margin.shape
+            margin = tf.reshape(margin, [rows, ny, nx2 * 2])
+            return tf.cast(margin > 0, tf.uint8) if mode == "binary" else tf.sigmoid(margin)
+        logits = self._conv(x, self._logits, relu=False)  # (1, rows, Y, X/2, 2*n_classes)
+        _, rows, ny, nx2, _ = logits.shape
+        logits = tf.reshape(logits, [rows, ny, nx2 * 2, self.n_classes])
+        if mode == "logits":
+            return logits
+        if mode == "binary":
+            return tf.cast(tf.argmax(logits, axis=-1), tf.uint8)
+        return tf.nn.softmax(logits, axis=-1)[..., 1]
+
+    # ---- driver ------------------------------------------------------------------------------
+
+    def predict_logits(self, tile: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """Raw logits ``(*output_shape, n_classes)`` of one tile."""
+        return self._predict(tile, scale, "logits")
+
+    def predict(self, tile: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """Neuron probability (float32) or, with ``binary``, the argmax (uint8) of one tile."""
+        return self._predict(tile, scale, "binary" if self.binary else "probability")
+
+    def _predict(self, tile: np.ndarray, scale: float, mode: str) -> np.ndarray:
+        tf = self._tf
+        if tuple(tile.shape) != self.input_shape:
+            raise GeometryError(f"tile of shape {tuple(tile.shape)} given to an engine built for {self.input_shape}")
+        scale = tf.constant(scale, tf.float32)
+        tile_rows = tf.constant(np.ascontiguousarray(tile))
+        step = self.slab_rows // 2
+        # Level-1 slabs run as soon as the pooled rows they read exist, and pooled rows are dropped
+        # once no later slab reads them, so only a few slabs of the pooled tensor are alive.
+        n_pooled = [self.input_shape[0] // 2 - 2]
+        n_pooled.append(n_pooled[0] // 2 - 2)
+        slabs = [[(a, min(a + step, n)) for a in range(0, n, step)] for n in n_pooled]
+        skips: list[list] = [[], []]  # per level: (first row in its skip window, rows)
+        pooled1: list = []  # level-1 input rows: (first row, rows)
+        pooled2: list = []
+        pending = list(slabs[1])
+
+        def encode(level: int, a: int, b: int, parts: list) -> None:
+            need = _overlapping(parts, 2 * a, 2 * b + 4, axis=0 if level == 0 else 1)
+            p, s = self._enc(tuple(r for _, r in need), scale, level, a, b, need[0][0])
+            (pooled1 if level == 0 else pooled2).append((a, p))
+            first_skip = self._slabbed[level][2][0][0]
+            if s.shape[1]:
+                skips[level].append((max(2 * a, first_skip) - first_skip, s))
+
+        for a, b in slabs[0]:
+            encode(0, a, b, [(0, tile_rows)])
+            while pending and (2 * pending[0][1] + 4 <= b or b == n_pooled[0]):
+                a1, b1 = pending.pop(0)
+                encode(1, a1, b1, pooled1)
+                keep_from = 2 * pending[0][0] if pending else n_pooled[0]
+                pooled1 = [(f, r) for f, r in pooled1 if f + r.shape[1] > keep_from]
+        del tile_rows, pooled1
+        coarse = self._mid([p for _, p in pooled2], [s for _, s in skips[1]])
+        del pooled2
+        skips = skips[0]
+        if mode == "logits":
+            out = np.empty((*self.output_shape, self.n_classes), np.float32)
+        else:
+            out = np.empty(self.output_shape, np.uint8 if mode == "binary" else np.float32)
+        g0 = self.geometry[0]
+        for u in range(0, g0.output, self.slab_rows):
+            v = min(u + self.slab_rows, g0.output)  # even: output edges are 4 mod 8
+            need = _overlapping(skips, u, v + 4, axis=1)
+            out[u:v] = self._dec(coarse, tuple(s for _, s in need), need[0][0], u, v, mode).numpy()
+        return out
+
+
+def _overlapping(parts: list, start: int, end: int, axis: int) -> list:
+    """The ``(first row, rows)`` parts that hold rows of ``[start, end)`` along ``axis``."""
+    return [(first, r) for first, r in parts if first < end and first + r.shape[axis] > start]
+
+
+def _depth_to_space(tf, y, channels: int, stacked: bool):
+    """``(n, a, b, c, 8*C)`` with channels ``(p0, p1, p2, C)`` -> ``(n, 2a, 2b, 2c, C)``; with
+    ``stacked`` the last axis stays paired: ``(n, 2a, 2b, c, 2*C)``."""
+    n, a, b, c, _ = y.shape
+    y = tf.reshape(y, [n, a, b, c, 2, 2, 2 * channels])
+    y = tf.transpose(y, [0, 1, 4, 2, 5, 3, 6])
+    if stacked:
+        return tf.reshape(y, [n, 2 * a, 2 * b, c, 2 * channels])
+    return tf.reshape(y, [n, 2 * a, 2 * b, 2 * c, channels])
