@@ -28,7 +28,9 @@ def fail(message: str) -> NoReturn:
 
 def set_gpu_memory_growth() -> None:
     """--set_gpu_mem_growth: let TensorFlow grow GPU memory as needed instead of taking it all."""
-    import tensorflow as tf
+    from exllsm_neuronseg.inference import import_tensorflow
+
+    tf = import_tensorflow()
 
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)

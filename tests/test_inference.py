@@ -103,3 +103,21 @@ def test_default_tile_shape(image, expected):
     assert default_tile_shape(image) == expected
     for edge, extent, preferred in zip(expected, image, PREFERRED_TILE_SHAPE):
         assert output_size(edge) is not None and edge <= preferred
+
+
+def test_tensorflow_loads_without_keras_and_keras_still_imports_afterwards():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from exllsm_neuronseg.inference import import_tensorflow\n"
+        "tf = import_tensorflow()\n"
+        "assert 'keras' not in sys.modules and 'sklearn' not in sys.modules, 'keras was imported'\n"
+        "assert tf.nn.relu(tf.constant([-1.0, 2.0])).numpy().tolist() == [0.0, 2.0]\n"
+        "import keras\n"
+        "assert keras.optimizers.Adam(1e-3).learning_rate is not None\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

@@ -31,6 +31,7 @@ first axis and stacking uses the last.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -40,6 +41,30 @@ from .errors import GeometryError
 from .unet import ModelWeights, check_tile_shapes, skip_crops
 
 Kernel = tuple[np.ndarray, np.ndarray]  # (kernel, bias)
+
+_KERAS_EAGER_IMPORT = "keras.src.optimizers"
+
+
+def import_tensorflow():
+    """Import TensorFlow without the eager import of all of Keras it does on the way (~1 s).
+
+    ``tensorflow/__init__`` imports ``keras.src.optimizers`` in a ``try`` that ignores an
+    ImportError, only to register Keras optimizers early; that pulls in all of Keras and, through
+    its wrappers, scikit-learn.  Inference needs neither, so that one import is made to fail while
+    TensorFlow loads; Keras imports normally later if anything asks for it.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    block = _KERAS_EAGER_IMPORT not in sys.modules
+    if block:
+        sys.modules[_KERAS_EAGER_IMPORT] = None  # type: ignore[assignment]  # "import halted"
+    try:
+        import tensorflow as tf
+    finally:
+        if block and sys.modules.get(_KERAS_EAGER_IMPORT, 0) is None:
+            del sys.modules[_KERAS_EAGER_IMPORT]
+    return tf
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,8 +178,7 @@ class TileEngine:
         binary: bool = False,
         slab_rows: int = 24,
     ) -> None:
-        import tensorflow as tf
-
+        tf = import_tensorflow()
         config = weights.config
         self.config = config
         self.binary = binary
