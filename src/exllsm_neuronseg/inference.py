@@ -176,7 +176,7 @@ class TileEngine:
         input_shape: Sequence[int],
         axes: str = "xyz",
         binary: bool = False,
-        slab_rows: int = 24,
+        slab_rows: int = 32,
     ) -> None:
         tf = import_tensorflow()
         config = weights.config
@@ -351,6 +351,12 @@ class TileEngine:
 
     # ---- driver ------------------------------------------------------------------------------
 
+    def to_tensor(self, tile):
+        """A tile as a TensorFlow tensor (a copy; callers can convert ahead of :meth:`predict`)."""
+        if isinstance(tile, self._tf.Tensor):
+            return tile
+        return self._tf.constant(np.ascontiguousarray(tile))
+
     def predict_logits(self, tile: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """Raw logits ``(*output_shape, n_classes)`` of one tile."""
         return self._predict(tile, scale, "logits")
@@ -364,7 +370,8 @@ class TileEngine:
         if tuple(tile.shape) != self.input_shape:
             raise GeometryError(f"tile of shape {tuple(tile.shape)} given to an engine built for {self.input_shape}")
         scale = tf.constant(scale, tf.float32)
-        tile_rows = tf.constant(np.ascontiguousarray(tile))
+        tile_rows = self.to_tensor(tile)
+        del tile
         step = self.slab_rows // 2
         # Level-1 slabs run as soon as the pooled rows they read exist, and pooled rows are dropped
         # once no later slab reads them, so only a few slabs of the pooled tensor are alive.
@@ -393,8 +400,8 @@ class TileEngine:
                 pooled1 = [(f, r) for f, r in pooled1 if f + r.shape[1] > keep_from]
         del tile_rows, pooled1
         coarse = self._mid([p for _, p in pooled2], [s for _, s in skips[1]])
+        skips = skips[0]  # the level-1 skip and pooled rows are freed here
         del pooled2
-        skips = skips[0]
         if mode == "logits":
             out = np.empty((*self.output_shape, self.n_classes), np.float32)
         else:
@@ -404,6 +411,8 @@ class TileEngine:
             v = min(u + self.slab_rows, g0.output)  # even: output edges are 4 mod 8
             need = _overlapping(skips, u, v + 4, axis=1)
             out[u:v] = self._dec(coarse, tuple(s for _, s in need), need[0][0], u, v, mode).numpy()
+            del need
+            skips = [(first, s) for first, s in skips if first + s.shape[1] > v]  # drop used rows
         return out
 
 
