@@ -248,15 +248,16 @@ class TileEngine:
             self._functions[key] = self._tf.function(fn, jit_compile=False, autograph=False)
         return self._functions[key]
 
-    def _enc(self, rows, scale, level: int, a: int, b: int, first: int):
-        key = ("encoder", level, a, b, first, len(rows))
-        fn = self._function(key, functools.partial(self._encoder_slab, level=level, a=a, b=b, first=first))
+    def _enc(self, rows, scale, level: int, a: int, b: int, first: int, skip_rows: tuple[int, int]):
+        key = ("encoder", level, a, b, first, len(rows), skip_rows)
+        fn = self._function(
+            key, functools.partial(self._encoder_slab, level=level, a=a, b=b, first=first, skip_rows=skip_rows)
+        )
         return fn(rows, scale)
 
-    def _dec(self, coarse, skip_parts, skip_first: int, u: int, v: int, mode: str):
-        key = ("decoder", len(skip_parts), skip_first, u, v, mode)
-        fn = self._function(key, functools.partial(self._decoder_slab, skip_first=skip_first, u=u, v=v, mode=mode))
-        return fn(coarse, skip_parts)
+    def _dec(self, coarse, skip_rows, u: int, v: int, mode: str):
+        fn = self._function(("decoder", u, v, mode), functools.partial(self._decoder_slab, u=u, v=v, mode=mode))
+        return fn(coarse, skip_rows)
 
     def _skip_windows(self) -> list[list[tuple[int, int]]]:
         """Per down level 1..n_blocks, the centre crop of its skip that the decoder uses."""
@@ -279,25 +280,26 @@ class TileEngine:
         y = tf.nn.conv3d(x, kb[0], [1, 1, 1, 1, 1], "VALID") + kb[1]
         return tf.nn.relu(y) if relu else y
 
-    def _encoder_slab(self, parts, scale, level: int, a: int, b: int, first: int):
-        """Encoder ``level`` on its input rows ``[2a, 2b + 4)``.  ``parts`` hold consecutive input
-        rows from row ``first`` on (level 0: the tile, scaled here; level 1: pooled slabs).
-        Returns the pooled rows ``[a, b)`` of the next level and the conv output rows
-        ``[2a, 2b)`` that fall in the skip window (x-stacked)."""
+    def _encoder_slab(self, parts, scale, level: int, a: int, b: int, first: int, skip_rows: tuple[int, int]):
+        """Encoder ``level`` for its conv output rows ``[2a, 2b)`` (and up to ``skip_rows[1]`` when
+        that is further).  ``parts`` hold consecutive input rows from row ``first`` on (level 0:
+        the tile, scaled here; level 1: pooled slabs).  Returns the pooled rows ``[a, b)`` of the
+        next level and the conv output rows ``skip_rows`` cropped to the skip window (x-stacked)."""
         tf = self._tf
         convs, channels, window = self._slabbed[level]
+        end = max(2 * b, skip_rows[1])  # conv output rows computed: [2a, end)
         if level == 0:
-            rows = tf.cast(parts[0][2 * a - first : 2 * b + 4 - first], tf.float32) * scale
+            rows = tf.cast(parts[0][2 * a - first : end + 4 - first], tf.float32) * scale
             rows = rows[None, ..., None]
         else:
             rows = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
-            rows = rows[:, 2 * a - first : 2 * b + 4 - first]
+            rows = rows[:, 2 * a - first : end + 4 - first]
         n, r, n1, n2, c = rows.shape
         x = tf.reshape(rows, [n, r, n1, n2 // 2, 2 * c])
-        x = self._conv(self._conv(x, convs[0]), convs[1])  # (1, 2(b-a), Y, X/2, 2*channels)
-        (z0, z1), (y0, y1), (x0, x1) = window
-        lo, hi = max(2 * a, z0), max(min(2 * b, z1), max(2 * a, z0))
-        skip = x[:, lo - 2 * a : hi - 2 * a, y0:y1, x0 // 2 : x1 // 2]
+        x = self._conv(self._conv(x, convs[0]), convs[1])  # (1, end - 2a, Y, X/2, 2*channels)
+        _, (y0, y1), (x0, x1) = window
+        skip = x[:, skip_rows[0] - 2 * a : skip_rows[1] - 2 * a, y0:y1, x0 // 2 : x1 // 2]
+        x = x[:, : 2 * (b - a)]
         # 2x2x2 max-pooling: 2x2 along the first two axes, then over the two parities of the
         # stacked channels (the last axis)
         pooled = tf.nn.max_pool3d(x, [1, 2, 2, 1, 1], [1, 2, 2, 1, 1], "VALID")
@@ -324,12 +326,9 @@ class TileEngine:
             x = self._conv(x, conv2)
         return x
 
-    def _decoder_slab(self, coarse, skip_parts, skip_first: int, u: int, v: int, mode: str):
-        """Output rows ``[u, v)`` from level-1 rows ``[u/2, v/2 + 2)`` and skip rows ``[u, v + 4)``
-        (``skip_parts`` hold consecutive skip rows from ``skip_first`` on)."""
+    def _decoder_slab(self, coarse, skip, u: int, v: int, mode: str):
+        """Output rows ``[u, v)`` from level-1 rows ``[u/2, v/2 + 2)`` and skip rows ``[u, v + 4)``."""
         tf = self._tf
-        skip = tf.concat(skip_parts, axis=1) if len(skip_parts) > 1 else skip_parts[0]
-        skip = skip[:, u - skip_first : v + 4 - skip_first]
         fk, fb, co = self._out_up
         up = tf.nn.conv3d(coarse[:, u // 2 : v // 2 + 2], fk, [1, 1, 1, 1, 1], "VALID")
         up = _depth_to_space(tf, up, co, stacked=True)
@@ -351,12 +350,6 @@ class TileEngine:
 
     # ---- driver ------------------------------------------------------------------------------
 
-    def to_tensor(self, tile):
-        """A tile as a TensorFlow tensor (a copy; callers can convert ahead of :meth:`predict`)."""
-        if isinstance(tile, self._tf.Tensor):
-            return tile
-        return self._tf.constant(np.ascontiguousarray(tile))
-
     def predict_logits(self, tile: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """Raw logits ``(*output_shape, n_classes)`` of one tile."""
         return self._predict(tile, scale, "logits")
@@ -370,49 +363,60 @@ class TileEngine:
         if tuple(tile.shape) != self.input_shape:
             raise GeometryError(f"tile of shape {tuple(tile.shape)} given to an engine built for {self.input_shape}")
         scale = tf.constant(scale, tf.float32)
-        tile_rows = self.to_tensor(tile)
-        del tile
-        step = self.slab_rows // 2
+        g0 = self.geometry[0]
+        rows_per_slab = self.slab_rows
+        # Level 0 slabs are cut where the output block's slabs start in the skip window, and each
+        # one computes the 4 rows more its output slab needs: every output slab then gets its skip
+        # rows as one tensor, with no joining.
+        level0 = self.input_shape[0] - 4
+        w0, w1 = g0.skip_start, g0.skip_start + g0.skip_size
+        starts = list(range(0, g0.output, rows_per_slab))
+        cuts = {0, level0, *range(w0, 0, -rows_per_slab), *(w0 + u for u in starts)}
+        cuts |= set(range(w0 + starts[-1] + rows_per_slab, level0, rows_per_slab))
+        cuts = sorted(cuts)
+        slabs0 = list(zip(cuts[:-1], cuts[1:]))
         # Level-1 slabs run as soon as the pooled rows they read exist, and pooled rows are dropped
         # once no later slab reads them, so only a few slabs of the pooled tensor are alive.
-        n_pooled = [self.input_shape[0] // 2 - 2]
-        n_pooled.append(n_pooled[0] // 2 - 2)
-        slabs = [[(a, min(a + step, n)) for a in range(0, n, step)] for n in n_pooled]
-        skips: list[list] = [[], []]  # per level: (first row in its skip window, rows)
+        n_pooled1 = level0 // 2  # level-1 input rows
+        n_pooled2 = n_pooled1 // 2 - 2  # its pooled output rows
+        step = rows_per_slab // 2
+        pending = [(a, min(a + step, n_pooled2)) for a in range(0, n_pooled2, step)]
+        (z0, z1), _, _ = self._slabbed[1][2]
+        skips0: dict[int, Any] = {}  # output slab start -> its skip rows
+        skips1: list = []
         pooled1: list = []  # level-1 input rows: (first row, rows)
         pooled2: list = []
-        pending = list(slabs[1])
-
-        def encode(level: int, a: int, b: int, parts: list) -> None:
-            need = _overlapping(parts, 2 * a, 2 * b + 4, axis=0 if level == 0 else 1)
-            p, s = self._enc(tuple(r for _, r in need), scale, level, a, b, need[0][0])
-            (pooled1 if level == 0 else pooled2).append((a, p))
-            first_skip = self._slabbed[level][2][0][0]
-            if s.shape[1]:
-                skips[level].append((max(2 * a, first_skip) - first_skip, s))
-
-        for a, b in slabs[0]:
-            encode(0, a, b, [(0, tile_rows)])
-            while pending and (2 * pending[0][1] + 4 <= b or b == n_pooled[0]):
-                a1, b1 = pending.pop(0)
-                encode(1, a1, b1, pooled1)
-                keep_from = 2 * pending[0][0] if pending else n_pooled[0]
+        for r0, r1 in slabs0:
+            feeds = r0 - w0 in starts  # this slab's rows start an output slab's skip rows
+            skip_rows = (r0, min(r1 + 4, w1)) if feeds else (r0, r0)
+            # only this slab's input rows become a tensor (a copy), never the whole tile
+            rows = tf.constant(np.ascontiguousarray(tile[r0 : max(r1, skip_rows[1]) + 4]))
+            p, s = self._enc((rows,), scale, 0, r0 // 2, r1 // 2, r0, skip_rows)
+            del rows
+            pooled1.append((r0 // 2, p))
+            if feeds:
+                skips0[r0 - w0] = s
+            while pending and (2 * pending[0][1] + 4 <= r1 // 2 or r1 == level0):
+                a, b = pending.pop(0)
+                need = _overlapping(pooled1, 2 * a, 2 * b + 4, axis=1)
+                lo, hi = max(2 * a, z0), min(2 * b, z1)
+                skip_rows = (lo, hi) if lo < hi else (2 * a, 2 * a)
+                p, s = self._enc(tuple(r for _, r in need), scale, 1, a, b, need[0][0], skip_rows)
+                pooled2.append(p)
+                if s.shape[1]:
+                    skips1.append(s)
+                keep_from = 2 * pending[0][0] if pending else n_pooled1
                 pooled1 = [(f, r) for f, r in pooled1 if f + r.shape[1] > keep_from]
-        del tile_rows, pooled1
-        coarse = self._mid([p for _, p in pooled2], [s for _, s in skips[1]])
-        skips = skips[0]  # the level-1 skip and pooled rows are freed here
-        del pooled2
+        del pooled1
+        coarse = self._mid(pooled2, skips1)
+        del pooled2, skips1
         if mode == "logits":
             out = np.empty((*self.output_shape, self.n_classes), np.float32)
         else:
             out = np.empty(self.output_shape, np.uint8 if mode == "binary" else np.float32)
-        g0 = self.geometry[0]
-        for u in range(0, g0.output, self.slab_rows):
-            v = min(u + self.slab_rows, g0.output)  # even: output edges are 4 mod 8
-            need = _overlapping(skips, u, v + 4, axis=1)
-            out[u:v] = self._dec(coarse, tuple(s for _, s in need), need[0][0], u, v, mode).numpy()
-            del need
-            skips = [(first, s) for first, s in skips if first + s.shape[1] > v]  # drop used rows
+        for u in starts:
+            v = min(u + rows_per_slab, g0.output)  # even: output edges are 4 mod 8
+            out[u:v] = self._dec(coarse, skips0.pop(u), u, v, mode).numpy()
         return out
 
 

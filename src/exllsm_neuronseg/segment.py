@@ -295,16 +295,10 @@ def segment_block(
             return SegmentationResult(block, n_tiles, time.perf_counter() - t_start, scaling, skipped=True)
         clear_block_done(output_volume, block)
 
-        predictor = None
-
-        def read_tile(index: tuple[int, int, int]):
-            """One tile's input in z,y,x storage order and raw dtype (read one tile ahead), handed
-            over as a tensor once the model is loaded (the copy is made here, not in the loop)."""
+        def read_tile(index: tuple[int, int, int]) -> tuple[np.ndarray, float]:
+            """One tile's input in z,y,x storage order and raw dtype (read one tile ahead)."""
             t = time.perf_counter()
-            data = input_volume.read_reflect_zyx(grid.input_box(index), executor)
-            if predictor is not None:
-                data = predictor.to_tensor(data)
-            return data, time.perf_counter() - t
+            return input_volume.read_reflect_zyx(grid.input_box(index), executor), time.perf_counter() - t
 
         rx, ry, rz = grid.tile_indices(block)
         order = [(kx, ky, kz) for kz in rz for ky in ry for kx in rx]  # storage order: x fastest

@@ -644,15 +644,11 @@ class TilePredictor:
         return tiles
 
     def predict(self, tiles: np.ndarray, scale: float = 1.0) -> np.ndarray:
-        """Probability (or binary mask) of ``n <= batch_size`` tiles, or of one ``(x, y, z)`` tile
-        (a numpy array, or a tensor from :meth:`to_tensor`)."""
+        """Probability (or binary mask) of ``n <= batch_size`` tiles, or of one ``(x, y, z)`` tile."""
         if len(tiles.shape) == 3:
             return self.engine.predict(tiles, scale)[None]
         return np.stack([self.engine.predict(tile, scale) for tile in self._tiles(tiles)])
 
-    def to_tensor(self, tile: np.ndarray):
-        """One tile as a tensor, so the copy can be made ahead of :meth:`predict` (in a reader thread)."""
-        return self.engine.to_tensor(tile)
 
     def predict_logits(self, tiles: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """Raw logits ``(n, *output_shape, n_classes)`` of ``n <= batch_size`` tiles."""
