@@ -71,6 +71,16 @@ def test_short_aliases_and_kebab_case(volumes, model_path):
     assert "Mvox/s" in proc.stdout
 
 
+def test_tile_shape_auto_and_output_shape_alone(volumes, model_path):
+    inp, out = volumes
+    common = ["-i", inp, "-id", "/c1/s0", "-o", out, "-od", "seg/s0", "-m", model_path, "-s", SCALING,
+              "--start", "0,0,64", "--end", "64,64,128", "--no-progress", "--redo"]
+    auto = run_script("segment_volume.py", *common, "--tile-shape", "auto", "--model_output_shape", "auto", check=True)
+    assert ": 1 tiles in" in auto.stdout  # the default tiles cover the 64^3 block with one tile
+    small = run_script("segment_volume.py", *common, "--model_output_shape", "44,44,44", check=True)
+    assert ": 12 tiles in" in small.stdout  # an output shape alone sets 132^3 tiles: stride 40, 2 x 2 x 3
+
+
 def test_help_and_version_are_instant():
     for script in ("segment_volume.py", "scaling_factor.py", "create_volume.py", "make_test_volume.py"):
         t = time.perf_counter()

@@ -36,7 +36,8 @@ workflow neuron_segmentation {
     done  // channel: [ n5_in_dir, n5_in_dataset, out_dir, out_dataset ], one per volume
 }
 
-// The subworkflow's options from the host's params (same names, same defaults).
+// The subworkflow's options from the host's params (same names and defaults, except the tile
+// shape: 'auto' unless the host sets it).
 def hostOptions() {
     return [
         partition_size            : hostParam('neuron_segmentation_partition_size', '') ?: hostParam('volume_partition_size', 512),
@@ -49,8 +50,8 @@ def hostOptions() {
         user_defined_scaling      : hostParam('user_defined_scaling', ''),
         binary                    : hostParam('neuron_mask_as_binary', false),
         segmentation_args         : [
-            "--model_input_shape ${hostParam('neuron_seg_model_in_dims', '220,220,220')}",
-            "--model_output_shape ${hostParam('neuron_seg_model_out_dims', '132,132,132')}",
+            "--model_input_shape ${hostParam('neuron_seg_model_in_dims', 'auto')}",
+            "--model_output_shape ${hostParam('neuron_seg_model_out_dims', 'auto')}",
             "--unet_batch_size ${hostParam('neuron_seg_unet_batch_sz', 1)}",
             hostParam('use_gpu_mem_growth', true) ? '--set_gpu_mem_growth' : '',
             hostParam('neuron_mask_as_binary', false) ? '--as_binary_mask' : '',

@@ -251,15 +251,18 @@ def segment_block(
 
     Everything is validated before the first voxel is written: block inside the image, tile
     shapes valid for the model, output dims and dtype, chunk alignment (unless
-    ``allow_unaligned``) and the scaling factor.  ``input_shape`` is the tile shape; it defaults
-    to :func:`.unet.default_tile_shape` of the image.  Tiles run one at a time (``batch_size`` is
+    ``allow_unaligned``) and the scaling factor.  ``input_shape`` is the tile shape (x,y,z); it
+    follows ``output_shape`` when only that is given, and defaults to
+    :func:`.unet.default_tile_shape` of the image.  Tiles run one at a time (``batch_size`` is
     checked and kept for the original's flag).  ``progress(tiles_done, tiles_total)`` is called
     after every tile.
     """
-    from .unet import cached_predictor, default_tile_shape, read_model_weights
+    from .unet import cached_predictor, default_tile_shape, margin, read_model_weights
 
     t_start = time.perf_counter()
     weights = read_model_weights(model_path)  # fails fast on a bad model file
+    if input_shape is None and output_shape is not None:  # an output shape alone sets the tile too
+        input_shape = tuple(int(o) + 2 * margin(weights.config.n_blocks) for o in output_shape)
     if input_shape is None:
         input_shape = default_tile_shape(input_volume.shape, weights.config.n_blocks)
     block, grid = plan_block(input_volume, start, end, input_shape, output_shape, weights.config)

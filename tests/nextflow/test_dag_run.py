@@ -453,7 +453,7 @@ def test_planning_follows_the_host_arithmetic(tmp_path):
     assert defaults["partition_size"] == 512 and defaults["scaling_partition_size"] == "396,396,396"
     assert defaults["max_scaling_tiles_per_job"] == 40 and defaults["binary"] is False
     assert defaults["segmentation_args"] == (
-        "--model_input_shape 220,220,220 --model_output_shape 132,132,132 --unet_batch_size 1 --set_gpu_mem_growth "
+        "--model_input_shape auto --model_output_shape auto --unet_batch_size 1 --set_gpu_mem_growth "
         "--high_threshold 0.98 --low_threshold 0.2 --small_region_probability_threshold 0.9 --small_region_size_threshold 1000"
     )
     assert len(set(results[16])) == 1, results[16]

@@ -252,11 +252,16 @@ def test_modules_follow_the_conventions():
     assert found["EVALUATE_UNET"].inputs[0] == evaluate_inputs
 
 
+# Host params whose default differs on purpose: the tile shape defaults to "auto" (larger tiles,
+# ~25% less work per voxel; the result does not depend on the tile shape beyond float rounding).
+CHANGED_DEFAULTS = {"neuron_seg_model_in_dims": "auto", "neuron_seg_model_out_dims": "auto"}
+
+
 def test_params_reuse_the_host_names_and_defaults():
     params = config_params()
     for name, default in HOST_DEFAULTS.items():
         assert name in params, name
-        assert params[name] == default, (name, params[name], default)
+        assert params[name] == CHANGED_DEFAULTS.get(name, default), (name, params[name], default)
     assert params["neuron_model"] == MODEL_URL
     schema = json.loads((ROOT / "nextflow_schema.json").read_text())
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
