@@ -299,11 +299,11 @@ class TileEngine:
         x = self._conv(self._conv(x, convs[0]), convs[1])  # (1, end - 2a, Y, X/2, 2*channels)
         _, (y0, y1), (x0, x1) = window
         skip = x[:, skip_rows[0] - 2 * a : skip_rows[1] - 2 * a, y0:y1, x0 // 2 : x1 // 2]
-        x = x[:, : 2 * (b - a)]
         # 2x2x2 max-pooling: 2x2 along the first two axes, then over the two parities of the
         # stacked channels (the last axis)
         pooled = tf.nn.max_pool3d(x, [1, 2, 2, 1, 1], [1, 2, 2, 1, 1], "VALID")
-        pooled = tf.maximum(pooled[..., :channels], pooled[..., channels:])
+        # rows past 2b (computed for the skip) pool into rows past b, which are dropped
+        pooled = tf.maximum(pooled[:, : b - a, ..., :channels], pooled[:, : b - a, ..., channels:])
         return pooled, skip
 
     def _middle(self, pooled_parts, skip_parts):
@@ -322,7 +322,7 @@ class TileEngine:
         x = self._conv(self._conv(x, self._bott[0]), self._bott[1])
         for (fk, fb, skip_k, co), skip, conv2 in zip(self._fused, reversed(skips), self._ups):
             up = _depth_to_space(tf, tf.nn.conv3d(x, fk, [1, 1, 1, 1, 1], "VALID"), co, stacked=False)
-            x = tf.nn.relu(up + tf.nn.conv3d(skip, skip_k, [1, 1, 1, 1, 1], "VALID") + fb)
+            x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv3d(skip, skip_k, [1, 1, 1, 1, 1], "VALID"), fb) + up)
             x = self._conv(x, conv2)
         return x
 
@@ -332,7 +332,8 @@ class TileEngine:
         fk, fb, co = self._out_up
         up = tf.nn.conv3d(coarse[:, u // 2 : v // 2 + 2], fk, [1, 1, 1, 1, 1], "VALID")
         up = _depth_to_space(tf, up, co, stacked=True)
-        x = tf.nn.relu(up + tf.nn.conv3d(skip, self._out_skip, [1, 1, 1, 1, 1], "VALID") + fb)
+        # conv -> bias -> add -> relu: the pattern oneDNN runs as one fused convolution
+        x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv3d(skip, self._out_skip, [1, 1, 1, 1, 1], "VALID"), fb) + up)
         x = self._conv(x, self._out2)
         if mode != "logits" and self.n_classes == 2:
             margin = self._conv(x, self._margin, relu=False)  # (1, rows, Y, X/2, 2): l1 - l0
