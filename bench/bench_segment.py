@@ -6,9 +6,10 @@ TensorFlow start-up included), the seconds spent reading, computing and writing,
 measured in the same run, this machine's float32 matrix-multiply GFLOP/s (numpy) beside the
 model GFLOP/s achieved.
 
-    .venv/bin/python bench/bench_segment.py [--size 512] [--chunk 128] [--model PATH] [--tile 220]
+    .venv/bin/python bench/bench_segment.py [--size 512] [--chunk 128] [--model PATH] [-- --name value ...]
 
-Extra arguments after ``--`` go to segment_volume.py.
+Extra ``--name value`` pairs after ``--`` are keyword arguments of ``segment_block`` (values are
+Python literals), e.g. ``-- --input_shape "(220,220,220)"`` for the host's tiles.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "neuron_2021.h5"))
     parser.add_argument("--workdir", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--scaling", type=float, default=0.00045)
-    parser.add_argument("extra", nargs="*", help="extra segment_volume.py arguments (after --)")
+    parser.add_argument("extra", nargs="*", help="segment_block keyword arguments after --: --name value ...")
     args = parser.parse_args()
 
     work = Path(args.workdir)
