@@ -15,9 +15,11 @@ describes; this module runs the *same weights* faster by rewriting the graph exa
   pair of neighbours along the last axis becomes one position with both parities as channels)
   turns a 3x3x3 convolution into a 3x3x2 one with twice the channels in and out.  33% more
   multiply-adds, run at about twice the speed.
-* **Level 0 in slabs.**  The full-resolution layers (input block, output block) run in slabs
-  along the first array axis, so the largest full-resolution tensors exist one slab at a time and
-  larger tiles (which waste less work on margins) fit in memory.
+* **Two-class softmax as a sigmoid.**  Softmax channel 1 of two logits is ``sigmoid(l1 - l0)``:
+  one 1x1 convolution to the difference, no softmax over a 2-wide axis.
+* **Levels 0 and 1 in slabs.**  The full-resolution layers (input block, output block) and the
+  first down block run in slabs along the first array axis, so the largest tensors exist one slab
+  at a time and larger tiles (which waste less work on margins) fit in memory.
 
 Sums are re-associated, so results differ from the Keras model by float32 rounding only
 (~1e-6 relative; tests compare both).  Every tile of one shape runs the same sequence of
@@ -133,21 +135,17 @@ def stack_pointwise(kernel: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Geometry:
-    """Sizes along one axis for a tile edge (all derived from the valid-convolution arithmetic)."""
+    """Sizes along one axis for a tile edge (from the valid-convolution arithmetic)."""
 
     tile: int  # input edge
     output: int  # output edge
-    pooled: int  # level-1 size after the input block's pooling
-    coarse: int  # level-1 size of the decoder tensor that feeds the output block
     skip_start: int  # where the output block's skip crop starts in the input block's output
-    skip_size: int  # its size (= 2 * coarse)
+    skip_size: int  # its size (= output + 4)
 
 
 def _axis_geometry(tile: int, n_blocks: int, output: int) -> _Geometry:
-    level0 = tile - 4
     crop = skip_crops(tile, n_blocks)[0]
-    coarse = (output + 2) // 2 + 1  # the fused conv on `coarse` cells gives 2*coarse - 2 = output + 2
-    return _Geometry(tile, output, level0 // 2, coarse, crop // 2, level0 - crop)
+    return _Geometry(tile, output, crop // 2, tile - 4 - crop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,11 +161,11 @@ class TileEngine:
     (softmax channel 1, float32) or, with ``binary``, the argmax as uint8, of ``output_shape``.
     ``predict_logits`` returns the raw logits ``(*output_shape, n_classes)``.
 
-    The two full-resolution encoder levels run in slabs of ``slab_rows`` rows along the first
-    axis, then the deeper levels and the decoder up to level 1 run whole, then the output block
-    runs in slabs again.  Peak memory is about the input block's skip window (8 channels over the
-    output plus 4 voxels) plus the pooled level-1 tensor, instead of a dozen full-resolution
-    tensors.
+    The encoder levels 0 and 1 run in slabs of ``slab_rows`` rows along the first axis (level-1
+    slabs as soon as their input rows exist), then the deeper levels and the decoder up to level 1
+    run whole, then the output block runs in slabs again.  Peak memory is about the input block's
+    skip window (8 channels over the output plus 4 voxels) plus one slab's tensors, instead of a
+    dozen full-resolution tensors.
     """
 
     def __init__(
