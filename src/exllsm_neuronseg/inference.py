@@ -191,7 +191,7 @@ class TileEngine:
         self._tf = tf
         const = lambda a: tf.constant(np.asarray(a, np.float32))  # noqa: E731
         k = weights.kernels(axes)
-        nb, f0 = config.n_blocks, config.initial_filters
+        nb = config.n_blocks
         inb, downs, bott, ups, outb = k["input"], k["down"], k["bottleneck"], k["up"], k["output"]
 
         # Encoder levels 0 and 1 run in slabs, x-stacked.  Each entry: (conv1, conv2, channels of
