@@ -246,16 +246,15 @@ class TileEngine:
             self._functions[key] = self._tf.function(fn, jit_compile=False, autograph=False)
         return self._functions[key]
 
-    def _enc(self, rows, scale, level: int, a: int, b: int, first: int, skip_rows: tuple[int, int]):
-        key = ("encoder", level, a, b, first, len(rows), skip_rows)
-        fn = self._function(
-            key, functools.partial(self._encoder_slab, level=level, a=a, b=b, first=first, skip_rows=skip_rows)
-        )
+    def _enc(self, rows, scale, level: int, n_pooled: int, skip_rows: tuple[int, int]):
+        # keyed by shapes and relative rows only: every full slab shares one traced graph
+        key = ("encoder", level, tuple(rows.shape), n_pooled, skip_rows)
+        fn = self._function(key, functools.partial(self._encoder_slab, level=level, n_pooled=n_pooled, skip_rows=skip_rows))
         return fn(rows, scale)
 
-    def _dec(self, coarse, skip_rows, u: int, v: int, mode: str):
-        fn = self._function(("decoder", u, v, mode), functools.partial(self._decoder_slab, u=u, v=v, mode=mode))
-        return fn(coarse, skip_rows)
+    def _dec(self, coarse_rows, skip_rows, mode: str):
+        key = ("decoder", tuple(coarse_rows.shape), tuple(skip_rows.shape), mode)
+        return self._function(key, functools.partial(self._decoder_slab, mode=mode))(coarse_rows, skip_rows)
 
     def _skip_windows(self) -> list[list[tuple[int, int]]]:
         """Per down level 1..n_blocks, the centre crop of its skip that the decoder uses."""
@@ -271,37 +270,32 @@ class TileEngine:
             wins.append(per_axis)
         return wins
 
-    # ---- graph pieces (each traced once per slab position) --------------------------------------
+    # ---- graph pieces (each traced once per slab shape) -----------------------------------------
 
     def _conv(self, x, kb, relu=True):
         tf = self._tf
         y = tf.nn.conv3d(x, kb[0], [1, 1, 1, 1, 1], "VALID") + kb[1]
         return tf.nn.relu(y) if relu else y
 
-    def _encoder_slab(self, parts, scale, level: int, a: int, b: int, first: int, skip_rows: tuple[int, int]):
-        """Encoder ``level`` for its conv output rows ``[2a, 2b)`` (and up to ``skip_rows[1]`` when
-        that is further).  ``parts`` hold consecutive input rows from row ``first`` on (level 0:
-        the tile, scaled here; level 1: pooled slabs).  Returns the pooled rows ``[a, b)`` of the
-        next level and the conv output rows ``skip_rows`` cropped to the skip window (x-stacked)."""
+    def _encoder_slab(self, rows, scale, level: int, n_pooled: int, skip_rows: tuple[int, int]):
+        """Encoder ``level`` on a slab of its input rows (level 0: raw tile rows, scaled here;
+        level 1: pooled rows); the two convs give 4 rows fewer.  Returns the first ``n_pooled``
+        pooled rows and the conv output rows ``skip_rows`` (relative to the slab) cropped to the
+        skip window (x-stacked)."""
         tf = self._tf
         convs, channels, window = self._slabbed[level]
-        end = max(2 * b, skip_rows[1])  # conv output rows computed: [2a, end)
         if level == 0:
-            rows = tf.cast(parts[0][2 * a - first : end + 4 - first], tf.float32) * scale
-            rows = rows[None, ..., None]
-        else:
-            rows = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
-            rows = rows[:, 2 * a - first : end + 4 - first]
+            rows = (tf.cast(rows, tf.float32) * scale)[None, ..., None]
         n, r, n1, n2, c = rows.shape
         x = tf.reshape(rows, [n, r, n1, n2 // 2, 2 * c])
-        x = self._conv(self._conv(x, convs[0]), convs[1])  # (1, end - 2a, Y, X/2, 2*channels)
+        x = self._conv(self._conv(x, convs[0]), convs[1])  # (1, rows - 4, Y, X/2, 2*channels)
         _, (y0, y1), (x0, x1) = window
-        skip = x[:, skip_rows[0] - 2 * a : skip_rows[1] - 2 * a, y0:y1, x0 // 2 : x1 // 2]
+        skip = x[:, skip_rows[0] : skip_rows[1], y0:y1, x0 // 2 : x1 // 2]
         # 2x2x2 max-pooling: 2x2 along the first two axes, then over the two parities of the
         # stacked channels (the last axis)
         pooled = tf.nn.max_pool3d(x, [1, 2, 2, 1, 1], [1, 2, 2, 1, 1], "VALID")
-        # rows past 2b (computed for the skip) pool into rows past b, which are dropped
-        pooled = tf.maximum(pooled[:, : b - a, ..., :channels], pooled[:, : b - a, ..., channels:])
+        # rows computed only for the skip pool into rows past n_pooled, which are dropped
+        pooled = tf.maximum(pooled[:, :n_pooled, ..., :channels], pooled[:, :n_pooled, ..., channels:])
         return pooled, skip
 
     def _middle(self, pooled_parts, skip_parts):
@@ -324,11 +318,11 @@ class TileEngine:
             x = self._conv(x, conv2)
         return x
 
-    def _decoder_slab(self, coarse, skip, u: int, v: int, mode: str):
+    def _decoder_slab(self, coarse, skip, mode: str):
         """Output rows ``[u, v)`` from level-1 rows ``[u/2, v/2 + 2)`` and skip rows ``[u, v + 4)``."""
         tf = self._tf
         fk, fb, co = self._out_up
-        up = tf.nn.conv3d(coarse[:, u // 2 : v // 2 + 2], fk, [1, 1, 1, 1, 1], "VALID")
+        up = tf.nn.conv3d(coarse, fk, [1, 1, 1, 1, 1], "VALID")
         up = _depth_to_space(tf, up, co, stacked=True)
         # conv -> bias -> add -> relu: the pattern oneDNN runs as one fused convolution
         x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv3d(skip, self._out_skip, [1, 1, 1, 1, 1], "VALID"), fb) + up)
@@ -390,7 +384,7 @@ class TileEngine:
             skip_rows = (r0, min(r1 + 4, w1)) if feeds else (r0, r0)
             # only this slab's input rows become a tensor (a copy), never the whole tile
             rows = tf.constant(np.ascontiguousarray(tile[r0 : max(r1, skip_rows[1]) + 4]))
-            p, s = self._enc((rows,), scale, 0, r0 // 2, r1 // 2, r0, skip_rows)
+            p, s = self._enc(rows, scale, 0, (r1 - r0) // 2, (skip_rows[0] - r0, skip_rows[1] - r0))
             del rows
             pooled1.append((r0 // 2, p))
             if feeds:
@@ -398,9 +392,11 @@ class TileEngine:
             while pending and (2 * pending[0][1] + 4 <= r1 // 2 or r1 == level0):
                 a, b = pending.pop(0)
                 need = _overlapping(pooled1, 2 * a, 2 * b + 4, axis=1)
+                rows = tf.concat([r for _, r in need], axis=1) if len(need) > 1 else need[0][1]
+                rows = rows[:, 2 * a - need[0][0] : 2 * b + 4 - need[0][0]]
                 lo, hi = max(2 * a, z0), min(2 * b, z1)
-                skip_rows = (lo, hi) if lo < hi else (2 * a, 2 * a)
-                p, s = self._enc(tuple(r for _, r in need), scale, 1, a, b, need[0][0], skip_rows)
+                p, s = self._enc(rows, scale, 1, b - a, (lo - 2 * a, hi - 2 * a) if lo < hi else (0, 0))
+                del rows
                 pooled2.append(p)
                 if s.shape[1]:
                     skips1.append(s)
@@ -415,7 +411,7 @@ class TileEngine:
             out = np.empty(self.output_shape, np.uint8 if mode == "binary" else np.float32)
         for u in starts:
             v = min(u + rows_per_slab, g0.output)  # even: output edges are 4 mod 8
-            out[u:v] = self._dec(coarse, skips0.pop(u), u, v, mode).numpy()
+            out[u:v] = self._dec(coarse[:, u // 2 : v // 2 + 2], skips0.pop(u), mode).numpy()
         return out
 
 
