@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import GeometryError
-from .unet import ModelWeights, check_tile_shapes, skip_crops
+from .unet import ModelWeights, check_tile_shapes, skip_crops, skip_sizes
 
 Kernel = tuple[np.ndarray, np.ndarray]  # (kernel, bias)
 
@@ -258,17 +258,12 @@ class TileEngine:
 
     def _skip_windows(self) -> list[list[tuple[int, int]]]:
         """Per down level 1..n_blocks, the centre crop of its skip that the decoder uses."""
-        wins = []
-        for level in range(1, self.config.n_blocks + 1):
-            per_axis = []
-            for t in self.input_shape:
-                size = t - 4
-                for _ in range(level):
-                    size = size // 2 - 4
-                crop = skip_crops(t, self.config.n_blocks)[level]
-                per_axis.append((crop // 2, crop // 2 + size - crop))
-            wins.append(per_axis)
-        return wins
+        nb = self.config.n_blocks
+        per_axis = [(skip_sizes(t, nb), skip_crops(t, nb)) for t in self.input_shape]
+        return [
+            [(crops[level] // 2, crops[level] // 2 + sizes[level] - crops[level]) for sizes, crops in per_axis]
+            for level in range(1, nb + 1)
+        ]
 
     # ---- graph pieces (each traced once per slab shape) -----------------------------------------
 

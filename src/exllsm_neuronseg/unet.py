@@ -78,16 +78,19 @@ def output_size(input_size: int, n_blocks: int = 2) -> int | None:
     return s if s > 0 else None
 
 
+def skip_sizes(input_size: int, n_blocks: int = 2) -> list[int]:
+    """Per level 0..n_blocks, the edge of the skip tensor (the level's second conv output)."""
+    skips, s = [], input_size - 4
+    for _ in range(n_blocks):
+        skips.append(s)
+        s = s // 2 - 4
+    return skips + [s]
+
+
 def skip_crops(input_size: int, n_blocks: int = 2) -> list[int]:
     """Per level 0..n_blocks, how much larger each skip tensor is than the decoder tensor it meets."""
-    skips, s = [], input_size - 4
-    skips.append(s)
-    s //= 2
-    for _ in range(n_blocks):
-        s -= 4
-        skips.append(s)
-        s //= 2
-    x = (s - 4) * 2
+    skips = skip_sizes(input_size, n_blocks)
+    x = (skips[-1] // 2 - 4) * 2
     decoder = {}
     for k in range(n_blocks, 0, -1):
         decoder[k] = x
@@ -129,7 +132,7 @@ def default_tile_shape(image_shape: Sequence[int], n_blocks: int = 2) -> tuple[i
     Along an axis shorter than that tile's stride the smallest tile covering it is used.  The
     choice depends only on the image, so every block of a volume uses the same tiles.
     """
-    grid = 2 ** (n_blocks + 1)
+    grid = UNetConfig(n_blocks=n_blocks).tile_grid
     shape = []
     for extent, preferred in zip(image_shape, PREFERRED_TILE_SHAPE):
         edge = preferred
@@ -326,6 +329,22 @@ def custom_objects() -> dict[str, type]:
     return dict(_keras_layers())
 
 
+def block_names(n_blocks: int) -> dict[str, list[str]]:
+    """Layer names of the blocks, as the original (and the published model file) names them."""
+    return {
+        "input": ["input_block"],
+        "down": ["downsample_block" if k == 1 else f"downsample_block_{k - 1}" for k in range(1, n_blocks + 1)],
+        "bottleneck": ["bottleneck_block"],
+        "up": ["upsample_block" if i == 0 else f"upsample_block_{i}" for i in range(n_blocks)],
+        "output": ["output_block"],
+    }
+
+
+def mirrored(kernel: np.ndarray) -> np.ndarray:
+    """A conv kernel with its three spatial axes reversed (x,y,z arrays -> z,y,x arrays)."""
+    return np.ascontiguousarray(kernel.transpose(2, 1, 0, 3, 4))
+
+
 def build_unet(
     input_shape: Sequence[int] = (220, 220, 220),
     config: UNetConfig = UNetConfig(),
@@ -351,11 +370,11 @@ def build_unet(
         amounts = tuple((c[level] // 2, c[level] - c[level] // 2) for c in crops)
         return keras.layers.Cropping3D(amounts, name=f"skip_crop_{level}")(skip)
 
-    x, skip0 = blocks["InputBlock"](f0, name="input_block")(inputs)
+    names = block_names(config.n_blocks)
+    x, skip0 = blocks["InputBlock"](f0, name=names["input"][0])(inputs)
     skip0 = cropped(skip0, 0)
     skips = []
-    for k in range(1, config.n_blocks + 1):
-        name = "downsample_block" if k == 1 else f"downsample_block_{k - 1}"
+    for k, name in enumerate(names["down"], start=1):
         x, s = blocks["DownsampleBlock"](
             2 * f0 * 2 ** (k - 1),
             k,
@@ -365,12 +384,11 @@ def build_unet(
         )(x)
         skips.append(cropped(s, k))
     x = blocks["BottleneckBlock"](
-        2 * f0 * 2**config.n_blocks, dropout_rate=config.bottleneck_dropout_rate, name="bottleneck_block"
+        2 * f0 * 2**config.n_blocks, dropout_rate=config.bottleneck_dropout_rate, name=names["bottleneck"][0]
     )(x)
-    for i, k in enumerate(range(config.n_blocks, 0, -1)):
-        name = "upsample_block" if i == 0 else f"upsample_block_{i}"
+    for k, name in zip(range(config.n_blocks, 0, -1), names["up"]):
         x = blocks["UpsampleBlock"](2 * f0 * 2**k, k, name=name)([x, skips[k - 1]])
-    logits = blocks["OutputBlock"](2 * f0, config.n_classes, name="output_block")([x, skip0])
+    logits = blocks["OutputBlock"](2 * f0, config.n_classes, name=names["output"][0])([x, skip0])
     return keras.Model(inputs, logits, name="model")
 
 
@@ -416,9 +434,8 @@ class ModelWeights:
                         f"expected {want}; not this U-Net"
                     )
                 if axes == "zyx":
-                    kernel = np.ascontiguousarray(kernel.transpose(2, 1, 0, 3, 4))
+                    kernel = mirrored(kernel)
                 target.set_weights([kernel, bias])
-
 
     def kernels(self, axes: str = "xyz") -> dict[str, Any]:
         """The (kernel, bias) pairs grouped by block, spatial kernel axes in ``axes`` array order.
@@ -429,21 +446,14 @@ class ModelWeights:
         """
         if axes not in ("xyz", "zyx"):
             raise ValueError(f"axes must be 'xyz' or 'zyx', got {axes!r}")
-        nb = self.config.n_blocks
-        names = {
-            "input": ["input_block"],
-            "down": ["downsample_block" if k == 1 else f"downsample_block_{k - 1}" for k in range(1, nb + 1)],
-            "bottleneck": ["bottleneck_block"],
-            "up": ["upsample_block" if i == 0 else f"upsample_block_{i}" for i in range(nb)],
-            "output": ["output_block"],
-        }
+        names = block_names(self.config.n_blocks)
 
         def pairs(name: str) -> list[tuple[np.ndarray, np.ndarray]]:
             if name not in self.layers:
                 raise ModelError(f"{self.path}: layer {name!r} has no weights; not this U-Net")
             if axes == "xyz":
                 return list(self.layers[name])
-            return [(np.ascontiguousarray(k.transpose(2, 1, 0, 3, 4)), b) for k, b in self.layers[name]]
+            return [(mirrored(k), b) for k, b in self.layers[name]]
 
         out: dict[str, Any] = {key: [pairs(n) for n in group] for key, group in names.items()}
         for key in ("input", "bottleneck", "output"):
