@@ -2,6 +2,7 @@
 
 Words used throughout the package:
 
+* **region**: the part of the volume a run processes (the host's ``partial_volume``, or all of it);
 * **block**: the part of a volume one job segments, ``[start, end)``;
 * **tile**: one forward pass of the U-Net; its *output box* is what it predicts and its *input
   box* is the output box grown by the model's *context* (margin) on every side;
@@ -11,23 +12,31 @@ Tiles sit on a *global* grid: tile output origins are multiples of the tile stri
 tile output edge rounded down to a multiple of the model's grid (2**(n_blocks+1), 8 for the
 published model).  Each voxel therefore is predicted by the same tile whatever block asks for it,
 so block-wise results are bit-identical to whole-volume results.
+
+Blocks sit on a grid too (:func:`plan_blocks`): cells of the partition size, a whole number of
+chunks, clipped to the region, so parallel blocks never write the same chunk.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 from .errors import GeometryError
+
+log = logging.getLogger(__name__)
 
 XYZ = tuple[int, int, int]
 
 
-def parse_xyz(text: str | Sequence[int], name: str = "value", minimum: int | None = None) -> XYZ:
-    """Parse ``"x,y,z"`` (or a 3-sequence) into a tuple of three ints."""
-    if isinstance(text, str):
+def parse_xyz(text: str | int | Sequence[int], name: str = "value", minimum: int | None = None) -> XYZ:
+    """Parse ``"x,y,z"`` (or a 3-sequence; one number means the same on every axis) into three ints."""
+    if isinstance(text, int):
+        values: tuple[int, ...] = (text, text, text)
+    elif isinstance(text, str):
         parts = [p.strip() for p in text.split(",")]
         if len(parts) == 1 and parts[0]:
             parts = parts * 3
@@ -67,19 +76,19 @@ class Box:
     def empty(self) -> bool:
         return any(e <= s for s, e in zip(self.start, self.end))
 
-    def intersect(self, other: "Box") -> "Box":
+    def intersect(self, other: Box) -> Box:
         return Box(
             tuple(max(a, b) for a, b in zip(self.start, other.start)),  # type: ignore[arg-type]
             tuple(min(a, b) for a, b in zip(self.end, other.end)),  # type: ignore[arg-type]
         )
 
-    def grow(self, amount: Sequence[int]) -> "Box":
+    def grow(self, amount: Sequence[int]) -> Box:
         return Box(
             tuple(s - m for s, m in zip(self.start, amount)),  # type: ignore[arg-type]
             tuple(e + m for e, m in zip(self.end, amount)),  # type: ignore[arg-type]
         )
 
-    def contains(self, other: "Box") -> bool:
+    def contains(self, other: Box) -> bool:
         return all(a <= b for a, b in zip(self.start, other.start)) and all(
             a >= b for a, b in zip(self.end, other.end)
         )
@@ -107,14 +116,25 @@ def check_block(start: XYZ, end: XYZ, image_shape: XYZ) -> Box:
     return Box(start, end)
 
 
-def check_chunk_aligned(box: Box, chunks: XYZ, image_shape: XYZ) -> None:
-    """Raise unless ``box`` starts on the chunk grid and ends on it (or at the image end)."""
-    for axis, s, e, c, n in zip("xyz", box.start, box.end, chunks, image_shape):
-        if s % c or (e % c and e != n):
+def check_chunk_aligned(box: Box, chunks: XYZ, image_shape: XYZ, region: Box | None = None) -> None:
+    """Raise unless no other block of the ``region`` can write a chunk that ``box`` writes.
+
+    That holds when ``box`` lies in the region and, per axis, its start is on the chunk grid or is
+    the region's start, and its end is on the chunk grid or is the region's end: a chunk the region
+    cuts belongs to the one block at that edge.  ``region`` defaults to the whole image (ends may
+    then stop at the image edge).  The block planner's blocks all pass this check.
+    """
+    region = region if region is not None else Box((0, 0, 0), tuple(image_shape))  # type: ignore[arg-type]
+    if not region.contains(box):
+        raise GeometryError(f"block {box} does not lie in the processed region {region}")
+    whole = region == Box((0, 0, 0), tuple(image_shape))  # type: ignore[arg-type]
+    for axis, s, e, c, r0, r1 in zip("xyz", box.start, box.end, chunks, region.start, region.end):
+        if (s % c and s != r0) or (e % c and e != r1):
+            edge = f"image edge {r1}" if whole else f"region edges {r0} and {r1}"
             raise GeometryError(
                 f"block {box} is not aligned to the output chunk grid {format_xyz(chunks)} on axis {axis}: "
-                f"start and end must be multiples of {c} (or end = image edge {n}); parallel blocks sharing a "
-                "chunk would overwrite each other's voxels. Use aligned blocks, or --allow-unaligned for a lone run"
+                f"start and end must be multiples of {c} (or the {edge}); parallel blocks sharing a "
+                "chunk would overwrite each other's voxels. Use aligned blocks, or allow unaligned blocks for a lone run"
             )
 
 
@@ -169,16 +189,154 @@ class TileGrid:
         return math.prod(len(r) for r in self.tile_indices(box))
 
 
+def processed_region(partial_volume: str | Sequence[int] | None, image_shape: XYZ) -> Box:
+    """The region a run processes, from the host's ``partial_volume`` ``"x0,y0,z0,dx,dy,dz"``.
+
+    That is a start and a size (not an end).  The start must lie inside the image; the size is
+    clipped to the image.  ``None`` or an empty string means the whole image.
+    """
+    image = Box((0, 0, 0), tuple(int(n) for n in image_shape))  # type: ignore[arg-type]
+    if partial_volume is None or (isinstance(partial_volume, str) and not partial_volume.strip()):
+        return image
+    text = partial_volume if isinstance(partial_volume, str) else format_xyz(partial_volume)
+    try:
+        values = [int(p) for p in text.split(",")]
+    except ValueError as exc:
+        raise GeometryError(f"partial volume {text!r} is not 'x0,y0,z0,dx,dy,dz' with integer values") from exc
+    if len(values) != 6:
+        raise GeometryError(
+            f"partial volume {text!r} must have 6 values x0,y0,z0,dx,dy,dz (start and size), got {len(values)}"
+        )
+    start, size = tuple(values[:3]), tuple(values[3:])
+    for axis, s, d, n in zip("xyz", start, size, image.end):
+        if not 0 <= s < n:
+            raise GeometryError(
+                f"partial volume {text} starts at {format_xyz(start)}, outside the image {format_xyz(image.end)} "
+                f"on axis {axis} (allowed 0 <= {axis}0 < {n})"
+            )
+        if d < 1:
+            raise GeometryError(f"partial volume {text} has size {format_xyz(size)}: every size must be >= 1")
+    return Box(start, tuple(min(s + d, n) for s, d, n in zip(start, size, image.end)))  # type: ignore[arg-type]
+
+
+def _axis_cuts(start: int, end: int, step: int, anchor: int) -> list[tuple[int, int]]:
+    """``[start, end)`` cut at ``anchor + k*step``: the grid cells that meet it, clipped to it."""
+    first = anchor + (start - anchor) // step * step
+    return [(max(c, start), min(c + step, end)) for c in range(first, end, step)]
+
+
+def grid_cells(region: Box, cell: XYZ, anchor: Sequence[int] = (0, 0, 0)) -> list[Box]:
+    """The cells ``anchor + k*cell`` (per axis) that meet ``region``, clipped to it.
+
+    Ordered x fastest, then y, then z (the host pipeline's order of blocks and jobs).  The cells
+    tile the region exactly: every voxel lies in one of them.
+    """
+    ax, ay, az = (_axis_cuts(s, e, c, a) for s, e, c, a in zip(region.start, region.end, cell, anchor))
+    return [Box((x0, y0, z0), (x1, y1, z1)) for z0, z1 in az for y0, y1 in ay for x0, x1 in ax]
+
+
+def grid_count(region: Box, cell: XYZ, anchor: Sequence[int] = (0, 0, 0)) -> int:
+    """How many cells :func:`grid_cells` gives, without listing them."""
+    return math.prod(len(_axis_cuts(s, e, c, a)) for s, e, c, a in zip(region.start, region.end, cell, anchor))
+
+
 def rectangular_tiles(start: XYZ, end: XYZ, size: XYZ) -> list[Box]:
     """The scaling-factor tiling: origins ``start + k*size``, edge tiles truncated at ``end``.
 
     Ordered with z fastest (C order over x,y,z), like the original ``RectangularTiling``.
     """
-    axes = [range(s, e, p) for s, e, p in zip(start, end, size)]
-    return [
-        Box((x, y, z), (min(x + size[0], end[0]), min(y + size[1], end[1]), min(z + size[2], end[2])))
-        for x, y, z in itertools.product(*axes)
-    ]
+    ax, ay, az = (_axis_cuts(s, e, p, s) for s, e, p in zip(start, end, size))
+    return [Box((x0, y0, z0), (x1, y1, z1)) for x0, x1 in ax for y0, y1 in ay for z0, z1 in az]
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The blocks of one run: one job each."""
+
+    region: Box
+    chunks: XYZ
+    partition_size: XYZ  # the block edge, a whole number of chunks per axis
+    blocks: tuple[Box, ...]
+
+
+def plan_blocks(
+    image_shape: Sequence[int],
+    chunks: Sequence[int],
+    partition_size: str | int | Sequence[int],
+    partial_volume: str | Sequence[int] | None = None,
+) -> BlockPlan:
+    """Cut the processed region into blocks that parallel jobs can write without sharing a chunk.
+
+    ``partition_size`` (x,y,z, or one number) is rounded up to a multiple of ``chunks`` per axis,
+    with a warning.  ``partial_volume`` is the host's ``"x0,y0,z0,dx,dy,dz"`` (see
+    :func:`processed_region`) and may start and end anywhere.  Blocks are the cells of a grid of
+    the partition size anchored at the chunk boundary at or before the region's start, clipped to
+    the region, x fastest, then y, then z.  Every cell is a union of whole chunks, so a block
+    boundary inside the region is on the chunk grid, and a chunk the region's edge cuts is written
+    by one block only.  When the region starts on the chunk grid (always, without a partial volume)
+    these are the host pipeline's blocks: ``start = region start + k * partition size``.
+    """
+    shape = parse_xyz(image_shape, "image shape", minimum=1)
+    chunk = parse_xyz(chunks, "chunk size", minimum=1)
+    asked = parse_xyz(partition_size, "partition size", minimum=1)
+    partition = tuple(-(-p // c) * c for p, c in zip(asked, chunk))
+    if partition != asked:
+        log.warning(
+            "partition size %s is not a multiple of the chunk size %s: using %s (rounded up) so that no two "
+            "blocks share a chunk",
+            format_xyz(asked),
+            format_xyz(chunk),
+            format_xyz(partition),
+        )
+    region = processed_region(partial_volume, shape)
+    anchor = tuple(s // c * c for s, c in zip(region.start, chunk))
+    blocks = grid_cells(region, partition, anchor)  # type: ignore[arg-type]
+    return BlockPlan(region, chunk, partition, tuple(blocks))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ScalingPlan:
+    """The scaling-factor sampling jobs of one run; none when sampling is off."""
+
+    region: Box
+    fraction: float  # the fraction of its tiles each job samples (scaling_factor.py -p); 0 when off
+    n_tiles: int  # sampling tiles in the region
+    job_edge: int  # edge of a job's cube; 0 when off
+    jobs: tuple[Box, ...]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.jobs)
+
+
+def plan_scaling(
+    image_shape: Sequence[int],
+    tiles: int = 0,
+    fraction: float = 0.0,
+    tile_size: str | int | Sequence[int] = (396, 396, 396),
+    max_tiles_per_job: int = 40,
+    partial_volume: str | Sequence[int] | None = None,
+) -> ScalingPlan:
+    """The host pipeline's scaling-factor jobs (its ``neuron_scaling_factor`` arithmetic).
+
+    Sampling is on only if ``tiles > 0`` or ``0 < fraction < 1``.  The region holds ``n_tiles``
+    sampling tiles of ``tile_size`` (ceil per axis); each job samples the fraction
+    ``tiles / n_tiles`` (or ``fraction`` when no tile count is given) of its own tiles.  Jobs are
+    cubes of edge ``int(min(tile_size) * cbrt(max_tiles_per_job / fraction))``, so each samples about
+    ``max_tiles_per_job`` tiles, from the region's start, clipped to it, x fastest.
+    """
+    shape = parse_xyz(image_shape, "image shape", minimum=1)
+    tile = parse_xyz(tile_size, "scaling tile size", minimum=1)
+    if max_tiles_per_job < 1:
+        raise GeometryError(f"max scaling tiles per job {max_tiles_per_job} must be >= 1")
+    region = processed_region(partial_volume, shape)
+    n_tiles = grid_count(region, tile, region.start)
+    if not (tiles > 0 or 0 < fraction < 1):
+        return ScalingPlan(region, 0.0, n_tiles, 0, ())
+    pct = tiles / n_tiles if tiles > 0 else float(fraction)
+    edge = max(1, int(min(tile) * math.cbrt(max_tiles_per_job / pct)))
+    jobs = grid_cells(region, (edge, edge, edge), region.start)
+    return ScalingPlan(region, pct, n_tiles, edge, tuple(jobs))
 
 
 def reflect_index(index, n: int):

@@ -16,10 +16,11 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def block_scaling_factor(volume: Volume, block: Box, context: XYZ, executor=None
     """
     window = block.grow(context).intersect(volume.box)
     pieces = split_by_chunks(window, volume.chunks)
-    count = lambda piece: intensity_histogram(volume.read_zyx(piece))  # noqa: E731
+    count = lambda piece: intensity_histogram(volume.read_zyx(piece))
     counts = sum(executor.map(count, pieces) if executor else map(count, pieces))
     return scaling_factor_from_histogram(counts).factor
 
@@ -219,7 +220,7 @@ def plan_block(
     end: Sequence[int],
     input_shape: Sequence[int],
     output_shape: Sequence[int] | None,
-    config: "UNetConfig",
+    config: UNetConfig,
 ) -> tuple[Box, TileGrid]:
     """Validate a block and the tile shapes and return the block box and the model's tile grid."""
     from .unet import check_tile_shapes
@@ -242,6 +243,7 @@ def segment_block(
     binary: bool = False,
     post_processing: PostProcessing | None = None,
     allow_unaligned: bool = False,
+    region: Box | None = None,
     skip_done: bool = True,
     io_threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -251,7 +253,10 @@ def segment_block(
 
     Everything is validated before the first voxel is written: block inside the image, tile
     shapes valid for the model, output dims and dtype, chunk alignment (unless
-    ``allow_unaligned``) and the scaling factor.  ``input_shape`` is the tile shape (x,y,z); it
+    ``allow_unaligned``) and the scaling factor.  Alignment means no other block can share an
+    output chunk with this one: start and end are on the chunk grid, or on the edge of ``region``
+    (the processed region the block was clipped to; default the whole image), see
+    :func:`.geometry.check_chunk_aligned`.  ``input_shape`` is the tile shape (x,y,z); it
     follows ``output_shape`` when only that is given, and defaults to
     :func:`.unet.default_tile_shape` of the image.  Tiles run one at a time (``batch_size`` is
     checked and kept for the original's flag).  ``progress(tiles_done, tiles_total)`` is called
@@ -268,7 +273,7 @@ def segment_block(
     block, grid = plan_block(input_volume, start, end, input_shape, output_shape, weights.config)
     check_output_volume(output_volume, input_volume.shape, binary)
     if not allow_unaligned:
-        check_chunk_aligned(block, output_volume.chunks, output_volume.shape)
+        check_chunk_aligned(block, output_volume.chunks, output_volume.shape, region)
     if batch_size < 1:
         raise GeometryError(f"batch size {batch_size} must be >= 1")
 
