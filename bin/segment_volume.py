@@ -7,10 +7,7 @@ short names; kebab-case aliases are accepted too.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
-
 from _cli import Progress, VersionOption, app_for, fail, run, set_gpu_memory_growth
 
 HELP = __doc__.strip().splitlines()[0]
@@ -22,12 +19,12 @@ def segment_volume(
     output: str = typer.Option(..., "-o", "--output", help="Output container (its dataset must exist: create_volume.py)."),
     output_dataset: str = typer.Option("/s0", "-od", "--output_data_set", "--output-dataset", help="Dataset path inside the output container."),
     model_path: str = typer.Option(..., "-m", "--model_path", "--model", help="U-Net model file (.h5)."),
-    scaling: Optional[float] = typer.Option(None, "-s", "--scaling", help="Intensity scaling factor (from scaling_factor.py). Without it the block computes its own, which makes seams."),
-    start: Optional[str] = typer.Option(None, "--start", help="Block start x,y,z (inclusive). Default 0,0,0."),
-    end: Optional[str] = typer.Option(None, "--end", help="Block end x,y,z (exclusive). Default: the image shape."),
-    image_shape: Optional[str] = typer.Option(None, "--image_shape", "--image-shape", help="Volume shape x,y,z; read from the data, checked if given."),
-    model_input_shape: Optional[str] = typer.Option(None, "--model_input_shape", "--model-input-shape", "--tile-shape", help="Tile input shape x,y,z (each edge s = 4 mod 8, s >= 92), or 'auto' (the default): 348,348,220 capped to the image, ~25% less work per voxel than 220^3. The result does not depend on it beyond float rounding."),
-    model_output_shape: Optional[str] = typer.Option(None, "--model_output_shape", "--model-output-shape", help="Tile output shape x,y,z (input - 88), or 'auto'; checked against the input shape if both are given."),
+    scaling: float | None = typer.Option(None, "-s", "--scaling", help="Intensity scaling factor (from scaling_factor.py). Without it the block computes its own, which makes seams."),
+    start: str | None = typer.Option(None, "--start", help="Block start x,y,z (inclusive). Default 0,0,0."),
+    end: str | None = typer.Option(None, "--end", help="Block end x,y,z (exclusive). Default: the image shape."),
+    image_shape: str | None = typer.Option(None, "--image_shape", "--image-shape", help="Volume shape x,y,z; read from the data, checked if given."),
+    model_input_shape: str | None = typer.Option(None, "--model_input_shape", "--model-input-shape", "--tile-shape", help="Tile input shape x,y,z (each edge s = 4 mod 8, s >= 92), or 'auto' (the default): 348,348,220 capped to the image, ~25% less work per voxel than 220^3. The result does not depend on it beyond float rounding."),
+    model_output_shape: str | None = typer.Option(None, "--model_output_shape", "--model-output-shape", help="Tile output shape x,y,z (input - 88), or 'auto'; checked against the input shape if both are given."),
     set_gpu_mem_growth: bool = typer.Option(False, "--set_gpu_mem_growth", "--set-gpu-mem-growth", help="Let TensorFlow grow GPU memory as needed."),
     with_post_processing: bool = typer.Option(False, "--with_post_processing", "--with-post-processing", help="Hysteresis, then small-object removal, inside this block."),
     as_binary_mask: bool = typer.Option(False, "--as_binary_mask", "--as-binary-mask", help="Write argmax 0/1 (uint8) instead of the probability."),
@@ -36,16 +33,17 @@ def segment_volume(
     low_threshold: float = typer.Option(0.2, "-lt", "--low_threshold", "--low-threshold", help="Hysteresis grow threshold."),
     small_region_probability_threshold: float = typer.Option(0.9, "--small_region_probability_threshold", "--small-region-probability-threshold", help="Binarisation threshold of the size filter."),
     small_region_size_threshold: int = typer.Option(1000, "--small_region_size_threshold", "--small-region-size-threshold", help="Components with fewer voxels are removed."),
+    partial_volume: str | None = typer.Option(None, "--partial_volume", "--partial-volume", help="The processed region x0,y0,z0,dx,dy,dz (start and size, as the host pipeline gives it) this block was clipped to: the block may then start and end on the region's edges as well as on the output chunk grid."),
     allow_unaligned: bool = typer.Option(False, "--allow-unaligned", help="Allow a block not aligned to the output chunk grid (only safe for a lone job)."),
     redo: bool = typer.Option(False, "--redo", help="Segment even if the block's done marker says it is finished."),
-    io_threads: Optional[int] = typer.Option(None, "--io-threads", min=1, help="Threads for chunk decoding and encoding (default: cores, 2..8)."),
+    io_threads: int | None = typer.Option(None, "--io-threads", min=1, help="Threads for chunk decoding and encoding (default: cores, 2..8)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     version: bool = VersionOption,
 ) -> None:
     import numpy as np
 
     from exllsm_neuronseg.errors import VolumeError
-    from exllsm_neuronseg.geometry import format_xyz, parse_xyz
+    from exllsm_neuronseg.geometry import format_xyz, parse_xyz, processed_region
     from exllsm_neuronseg.segment import PostProcessing, segment_block
     from exllsm_neuronseg.volume import open_volume
 
@@ -54,6 +52,7 @@ def segment_volume(
         fail(f"--image_shape {image_shape} disagrees with {source}, which has shape {format_xyz(source.shape)}")
     block_start = parse_xyz(start, "--start") if start else (0, 0, 0)
     block_end = parse_xyz(end, "--end") if end else source.shape
+    region = processed_region(partial_volume, source.shape)  # the whole image without --partial_volume
     try:
         target = open_volume(output, output_dataset, mode="r+")
     except VolumeError as exc:
@@ -81,6 +80,7 @@ def segment_volume(
         binary=as_binary_mask,
         post_processing=post,
         allow_unaligned=allow_unaligned,
+        region=region,
         skip_done=not redo,
         io_threads=io_threads,
         progress=bar,

@@ -82,7 +82,7 @@ def test_tile_shape_auto_and_output_shape_alone(volumes, model_path):
 
 
 def test_help_and_version_are_instant():
-    for script in ("segment_volume.py", "scaling_factor.py", "create_volume.py", "make_test_volume.py"):
+    for script in ("segment_volume.py", "scaling_factor.py", "create_volume.py", "make_test_volume.py", "plan_blocks.py"):
         t = time.perf_counter()
         proc = run_script(script, "--help", check=True)
         assert time.perf_counter() - t < 5 and "Usage" in proc.stdout
@@ -102,6 +102,13 @@ BAD_SEGMENT_INPUTS = {
     "tile shapes disagree": ({"--model_output_shape": "130,130,130"}, "does not match input shape"),
     "output dataset missing": ({"-od": "/nope/s0"}, "create_volume.py"),
     "unaligned block": ({"--start": "16,0,0", "--end": "64,64,64"}, "not aligned to the output chunk grid"),
+    "block in a neighbour's chunk": (
+        {"--start": "40,0,0", "--end": "64,64,64", "--partial_volume": "16,0,0,100,64,64"},
+        "not aligned to the output chunk grid",  # 40 is neither on the chunk grid nor the region's start
+    ),
+    "block outside the region": ({"--partial_volume": "0,0,0,32,64,64"}, "does not lie in the processed region"),
+    "malformed partial volume": ({"--partial_volume": "0,0,0,64,64"}, "must have 6 values x0,y0,z0,dx,dy,dz"),
+    "partial volume outside image": ({"--partial_volume": "0,140,0,64,64,64"}, "outside the image"),
     "nan scaling": ({"--scaling": "nan"}, "scaling factor nan cannot be used"),
     "infinite scaling": ({"--scaling": "inf"}, "scaling factor inf cannot be used"),
     "zero scaling": ({"--scaling": "0"}, "must be a finite number > 0"),
@@ -184,3 +191,77 @@ def test_scaling_factor_cli_bad_input(synthetic_n5):
     ):
         proc = run_script("scaling_factor.py", *args)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_block_clipped_to_a_partial_volume_runs(synthetic_n5, volumes, model_path, tmp_path):
+    """The planner's blocks run as they are: a block the region cuts off the chunk grid is accepted
+    when segment_volume.py is told the region (and refused without it)."""
+    inp, out = volumes
+    region = "16,8,0,40,56,64"  # x [16, 56), y [8, 64): both start and end off the 32^3 chunk grid
+    planned = run_script(
+        "plan_blocks.py", "-i", inp, "-id", "/c1/s0", "--partition_size", "64", "--partial_volume", region,
+        "-o", tmp_path / "blocks.txt", "--scaling_output", tmp_path / "jobs.txt", check=True,
+    )
+    assert planned.stdout.startswith("planned 1 blocks of 64,64,64 over region [16,8,0 .. 56,64,64)")
+    (block,) = (tmp_path / "blocks.txt").read_text().splitlines()
+    x0, y0, z0, x1, y1, z1 = block.split(",")
+    box = {"--start": f"{x0},{y0},{z0}", "--end": f"{x1},{y1},{z1}"}
+    refused = run_script("segment_volume.py", *host_args(inp, out, model_path, **box), "--no-progress")
+    assert refused.returncode == 2 and "not aligned to the output chunk grid" in refused.stderr
+    proc = run_script(
+        "segment_volume.py", *host_args(inp, out, model_path, **box, **{"--partial_volume": region}), "--no-progress",
+        check=True,
+    )
+    assert proc.stdout.strip().splitlines()[-1].startswith("block [16,8,0 .. 56,64,64): 1 tiles in")
+    seg = open_volume(out, "seg/s0").read(open_volume(out, "seg/s0").box)
+    written = np.zeros(seg.shape, bool)
+    written[16:56, 8:64, :64] = True
+    assert (seg[written] > 0).all()  # probabilities, never exactly 0
+    assert seg[0, 0, 0] == 0.5 and (seg[~written] == 0).sum() == seg.size - written.sum() - 1  # nothing else
+
+
+def test_plan_blocks_cli(synthetic_n5, tmp_path):
+    inp, _ = synthetic_n5  # 150 x 140 x 130, chunks 32^3
+    blocks, jobs = tmp_path / "blocks.txt", tmp_path / "jobs.txt"
+    proc = run_script(
+        "plan_blocks.py", "--input", inp, "--input-dataset", "c1/s0", "--partition-size", "50,64,200",
+        "--partial-volume", "10,0,0,100,1000,1000", "--output", blocks, "--scaling-output", jobs,
+        "--scaling-fraction", "0.5", "--scaling-partition-size", "20", "--max-scaling-tiles-per-job", "5",
+        check=True,
+    )
+    # 50 and 200 are not multiples of 32: rounded up to 64 and 224, with one warning line
+    assert "partition size 50,64,200 is not a multiple of the chunk size 32,32,32: using 64,64,224" in proc.stderr
+    assert proc.stdout.strip() == (
+        "planned 6 blocks of 64,64,224 over region [10,0,0 .. 110,140,130) (chunks 32,32,32); "
+        "48 scaling jobs of edge 43, each sampling 0.5 of its tiles (245 in all)"
+    )
+    assert blocks.read_text().splitlines() == [
+        "10,0,0,64,64,130", "64,0,0,110,64,130",
+        "10,64,0,64,128,130", "64,64,0,110,128,130",
+        "10,128,0,64,140,130", "64,128,0,110,140,130",
+    ]
+    lines = jobs.read_text().splitlines()
+    assert len(lines) == 48 and lines[:2] == ["10,0,0,53,43,43 0.5", "53,0,0,96,43,43 0.5"]
+    # the host's defaults: 512^3 blocks, no sampling (an empty jobs file)
+    run_script("plan_blocks.py", "-i", inp, "-id", "/c1/s0", "-o", blocks, "--scaling_output", jobs, check=True)
+    assert blocks.read_text() == "0,0,0,150,140,130\n" and jobs.read_text() == ""
+    run_script("plan_blocks.py", "-i", inp, "-id", "/c1/s0", "-o", blocks, "--scaling_output", jobs, "--scaling_tiles", "7", check=True)
+    assert jobs.read_text() == "0,0,0,150,140,130 7.0\n"  # 7 tiles of the 1 tile of 396^3: -p 7.0 (all of it)
+
+
+def test_plan_blocks_cli_bad_input(synthetic_n5, tmp_path):
+    inp, _ = synthetic_n5
+    out = ["-o", tmp_path / "blocks.txt", "--scaling_output", tmp_path / "jobs.txt"]
+    for args, message in (
+        (("-i", "/nonexistent.n5"), "does not exist"),
+        (("-i", inp, "-id", "/c1"), "is a group, not a dataset"),
+        (("-i", inp, "-id", "/c1/s0", "--partial_volume", "0,0,0,10,10"), "must have 6 values"),
+        (("-i", inp, "-id", "/c1/s0", "--partial_volume", "150,0,0,10,10,10"), "outside the image 150,140,130 on axis x"),
+        (("-i", inp, "-id", "/c1/s0", "--partition_size", "0"), ">= 1"),
+        (("-i", inp, "-id", "/c1/s0", "--scaling_partition_size", "a,b,c", "--scaling_fraction", "0.1"), "integer values"),
+    ):
+        proc = run_script("plan_blocks.py", *args, *out)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert not (tmp_path / "blocks.txt").exists()
