@@ -77,7 +77,7 @@ def test_every_file_is_clean(analysis):
     assert {"main.nf", "nextflow.config", "workflows/neuron_segmentation.nf"} <= names
     assert {"conf/base.config", "conf/modules.config", "conf/test.config", "conf/gpu.config"} <= names
     assert {"conf/test_training.config", "subworkflows/local/unet_training/main.nf"} <= names
-    assert len([n for n in names if n.startswith("modules/local/")]) == 8
+    assert len([n for n in names if n.startswith("modules/local/")]) == 9
     assert not analysis.diagnostics, "\n".join(map(str, analysis.diagnostics))
 
 
@@ -203,6 +203,7 @@ def test_modules_follow_the_conventions():
         "SEGMENT_VOLUME": "segment_volume.py",
         "SCALING_FACTOR": "scaling_factor.py",
         "CREATE_VOLUME": "create_volume.py",
+        "PLAN_BLOCKS": "plan_blocks.py",
         "MAKE_TEST_VOLUME": "make_test_volume.py",
         "MAKE_TRAINING_REGIONS": "make_training_regions.py",
         "PREPARE_DATASET": "prepare_dataset.py",

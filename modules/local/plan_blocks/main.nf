@@ -1,0 +1,43 @@
+process PLAN_BLOCKS {
+    tag "${meta.id}"
+    label 'process_single'
+
+    conda "${moduleDir}/environment.yml"
+    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.1.0'}"
+    // The input dataset's attributes are read in place: bind its container.
+    containerOptions "${bindMounts(workflow.containerEngine, [n5])}"
+
+    input:
+    tuple val(meta), val(n5), val(dataset)
+    // plan_blocks.py flags: --partition_size, --partial_volume, --scaling_* (see meta.yml)
+    val options
+
+    output:
+    tuple val(meta), path('blocks.txt'), path('scaling_jobs.txt'), emit: plan
+    tuple val("${task.process}"), val('exllsm-neuronseg'), eval('plan_blocks.py --version | cut -d " " -f 3'), topic: versions, emit: versions_plan_blocks
+
+    when:
+    task.ext.when == null || task.ext.when
+
+    script:
+    def args = task.ext.args ?: ''
+    """
+    plan_blocks.py \\
+        --input ${n5} --input_data_set ${dataset} \\
+        --output blocks.txt --scaling_output scaling_jobs.txt \\
+        ${options} ${args}
+    """
+
+    stub:
+    """
+    touch blocks.txt scaling_jobs.txt
+    """
+}
+
+// Bind options for directories used in place: "-B dir" (Singularity/Apptainer) or "-v dir:dir" (Docker, Podman).
+def bindMounts(String engine, List dirs) {
+    def flag = engine in ['singularity', 'apptainer'] ? '-B' : '-v'
+    return dirs.findAll { dir -> dir != null && dir != '' }.collect { dir -> dir.toString() }.unique().collect { dir ->
+        flag == '-B' ? "-B ${dir}" : "-v ${dir}:${dir}"
+    }.join(' ')
+}
