@@ -2,18 +2,15 @@
 """Create the output dataset of a segmentation before its blocks run in parallel.
 
 It takes the input's dims and chunk size (N5 blockSize) and its resolution attributes; dtype is
-float32 for probabilities or uint8 for binary masks; gzip compressed. An existing dataset of the
-same dims, chunks and dtype is kept (so re-runs keep finished blocks); anything else is an error
-unless --overwrite is given.
+float32 for probabilities or uint8 for binary masks; gzip compressed unless --compression says
+otherwise. An existing dataset of the same dims, chunks and dtype is kept (so re-runs keep finished
+blocks); anything else is an error unless --overwrite is given.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
-
-from _cli import VersionOption, app_for, run
+from _cli import VersionOption, app_for, fail, run
 
 HELP = __doc__.strip().splitlines()[0]
 
@@ -25,33 +22,42 @@ def create_volume(
     output_dataset: str = typer.Option("/s0", "-od", "--output_data_set", "--output-dataset", "--target_data_set", help="Output dataset path."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (probabilities) or uint8 (binary masks)."),
     as_binary_mask: bool = typer.Option(False, "--as_binary_mask", "--as-binary-mask", help="Shorthand for --dtype uint8."),
-    chunks: Optional[str] = typer.Option(None, "--chunks", help="Chunk size x,y,z (default: the input's)."),
-    compression_level: int = typer.Option(1, "--compression-level", min=1, max=9, help="gzip level. Probability maps shrink only ~10% at any level, and level 1 encodes ~1.4x faster than 6."),
+    chunks: str | None = typer.Option(None, "--chunks", help="Chunk size x,y,z (default: the input's)."),
+    compression: str = typer.Option("gzip", "--compression", "--n5_compression", help="N5 compression: gzip, raw, bzip2 (bz2), xz (lzma) or blosc (the host's n5_compression)."),
+    compression_level: int | None = typer.Option(None, "--compression-level", "--compression_level", help="Codec level (default gzip 1, bzip2 9, xz 6, blosc 5; raw takes none). Probability maps shrink only ~10% at any gzip level, and level 1 encodes ~1.4x faster than 6."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset (all its data is lost)."),
     version: bool = VersionOption,
 ) -> None:
-    from exllsm_neuronseg.errors import OutputError
+    from exllsm_neuronseg.codecs import compressor, describe
+    from exllsm_neuronseg.errors import OutputError, OutputExistsError
     from exllsm_neuronseg.geometry import format_xyz, parse_xyz
-    from exllsm_neuronseg.volume import create_volume as create, input_attributes, open_volume
+    from exllsm_neuronseg.volume import create_volume as create
+    from exllsm_neuronseg.volume import input_attributes, open_volume
 
     if as_binary_mask:
         dtype = "uint8"
     if dtype not in ("float32", "uint8"):
         raise OutputError(f"--dtype {dtype!r} is not supported: use float32 (probabilities) or uint8 (binary masks)")
+    codec = compressor(compression, compression_level)  # a bad name or level fails before anything is read
     template = open_volume(input, input_dataset)
     chunk_shape = parse_xyz(chunks, "--chunks", minimum=1) if chunks else template.chunks
-    volume = create(
-        output,
-        output_dataset,
-        template.shape,
-        chunk_shape,
-        dtype,
-        attributes=input_attributes(template),
-        compression_level=compression_level,
-        overwrite=overwrite,
-    )
+    try:
+        volume = create(
+            output,
+            output_dataset,
+            template.shape,
+            chunk_shape,
+            dtype,
+            attributes=input_attributes(template),
+            compression=compression,
+            compression_level=compression_level,
+            overwrite=overwrite,
+        )
+    except OutputExistsError as exc:
+        fail(f"{exc} (--overwrite replaces it)")
     typer.echo(
-        f"dataset {volume}: shape {format_xyz(volume.shape)}, chunks {format_xyz(volume.chunks)}, {volume.dtype}, gzip"
+        f"dataset {volume}: shape {format_xyz(volume.shape)}, chunks {format_xyz(volume.chunks)}, {volume.dtype}, "
+        f"{describe(codec)}"
     )
 
 

@@ -75,7 +75,7 @@ def test_create_keeps_compatible_and_refuses_incompatible(tmp_path):
     vol.write_zyx((0, 0, 0), np.ones((8, 8, 8), np.float32))
     same = create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "float32")
     assert same.read(Box((0, 0, 0), (8, 8, 8))).sum() == 512  # data kept: re-runs keep finished blocks
-    with pytest.raises(OutputError, match="already exists.*--overwrite"):
+    with pytest.raises(OutputError, match="already exists.*replace it explicitly"):
         create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "uint8")
     fresh = create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "uint8", overwrite=True)
     assert fresh.dtype == np.uint8 and fresh.read(Box((0, 0, 0), (8, 8, 8))).sum() == 0
@@ -84,3 +84,68 @@ def test_create_keeps_compatible_and_refuses_incompatible(tmp_path):
 def test_resolution_attributes_carry_over(tmp_path):
     src = create_volume(tmp_path / "i.n5", "s0", (8, 8, 8), (4, 4, 4), "uint16", attributes={"pixelResolution": [0.1, 0.1, 0.2], "other": 1})
     assert input_attributes(src) == {"pixelResolution": [0.1, 0.1, 0.2]}
+
+
+def test_create_volume_in_a_place_that_is_not_a_directory(tmp_path):
+    (tmp_path / "plain").write_text("not a directory")
+    with pytest.raises(OutputError, match=r"lies under the file .*plain, which is not a directory"):
+        create_volume(tmp_path / "plain" / "out.n5", "s0", (8, 8, 8), (4, 4, 4), "uint8")
+    with pytest.raises(OutputError, match=r"plain: it exists and is a file, not a directory"):
+        create_volume(tmp_path / "plain", "s0", (8, 8, 8), (4, 4, 4), "uint8")
+    assert (tmp_path / "plain").read_text() == "not a directory"
+
+
+WRITE_AS_OTHER_USER = """
+import sys
+import numpy as np
+from exllsm_neuronseg.errors import OutputError
+from exllsm_neuronseg.volume import create_volume, open_volume
+container, what = sys.argv[1], sys.argv[2]
+try:
+    if what == "chunks":
+        vol = open_volume(container, "s0", mode="r+")
+        vol.write_zyx((int(sys.argv[3]), 0, 0), np.ones((4, 4, 4), np.uint16))
+    else:
+        create_volume(container, "s0", (8, 8, 8), (4, 4, 4), "uint16")
+except OutputError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_chunk_writes_into_another_users_dataset_name_the_path_and_the_fix():
+    """Output left by a container run as root (docker run without -u): existing chunk folders belong
+    to root, and the next writer, another user, gets one error naming the folder, its uid and the fix."""
+    from other_user import IS_ROOT, protect, run_as_other_user, shared_tmp
+
+    with shared_tmp() as tmp:
+        vol = create_volume(tmp / "o.n5", "s0", (8, 8, 8), (4, 4, 4), "uint16")
+        vol.write_zyx((0, 0, 0), np.full((4, 4, 4), 7, np.uint16))  # folder s0/0/0 exists
+        protect(vol.path)
+        script = tmp / "write.py"
+        script.write_text(WRITE_AS_OTHER_USER)
+        for x0, folder in ((0, vol.path / "0" / "0"), (4, vol.path)):  # a chunk in an existing folder, a new folder
+            proc = run_as_other_user([script, tmp / "o.n5", "chunks", x0])
+            assert proc.returncode == 3, proc.stderr
+            message = proc.stdout.strip()
+            assert message.startswith(f"cannot write chunks of {tmp / 'o.n5'}:/s0: {folder} is not writable by this user (uid ")
+            if IS_ROOT:
+                assert "it belongs to uid 0" in message and '-u "$(id -u):$(id -g)"' in message
+                assert f"chown -R 65534:65534 {vol.path}" in message
+            else:
+                assert "chmod u+w" in message
+        assert open_volume(tmp / "o.n5", "s0").read(Box((0, 0, 0), (8, 4, 4)))[:4].min() == 7  # untouched
+
+
+def test_create_volume_in_a_read_only_folder():
+    from other_user import protect, run_as_other_user, shared_tmp
+
+    with shared_tmp() as tmp:
+        (tmp / "ro").mkdir()
+        protect(tmp / "ro")
+        script = tmp / "create.py"
+        script.write_text(WRITE_AS_OTHER_USER)
+        proc = run_as_other_user([script, tmp / "ro" / "out.n5", "create"])
+        assert proc.returncode == 3, proc.stderr
+        assert f"{tmp / 'ro'} is not writable by this user (uid " in proc.stdout
+        assert not (tmp / "ro" / "out.n5").exists()

@@ -31,5 +31,17 @@ class OutputError(NeuronSegError):
     """An output dataset that is missing, incompatible or cannot be written."""
 
 
+class OutputExistsError(OutputError):
+    """An output that exists already and differs from what would be written; it is replaced only on request."""
+
+
+class CompressionError(NeuronSegError, ValueError):
+    """A compression name or level that cannot be written to N5 (or read back by Java N5)."""
+
+
+class TiffError(NeuronSegError):
+    """TIFF input that is missing, unreadable, truncated or inconsistent (slice shapes, dtypes, names)."""
+
+
 class DatasetError(NeuronSegError):
     """A training region or training dataset that is missing or malformed."""

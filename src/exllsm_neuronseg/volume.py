@@ -11,6 +11,7 @@ the old one or the new one, never half of each.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import codecs
-from .errors import OutputError, VolumeError
+from .errors import OutputError, OutputExistsError, VolumeError
 from .geometry import XYZ, Box, format_xyz, reflect_index
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Volume:
 
     container: str
     dataset: str
-    array: "object"  # zarr.Array, axes z,y,x
+    array: object  # zarr.Array, axes z,y,x
 
     @property
     def shape(self) -> XYZ:
@@ -175,8 +176,11 @@ class Volume:
         z1, y1, x1 = z0 + data_zyx.shape[0], y0 + data_zyx.shape[1], x0 + data_zyx.shape[2]
         try:
             self.array[z0:z1, y0:y1, x0:x1] = data_zyx
-        except OSError as exc:
-            raise OutputError(f"cannot write to {self}: {exc}") from exc
+        except (OSError, KeyError) as exc:
+            error = _os_error(exc)
+            if error is None:
+                raise
+            raise OutputError(write_error_message(f"chunks of {self}", error, self.path)) from exc
 
     def write_chunked_zyx(self, box: Box, data_zyx: np.ndarray, executor: Executor | None = None) -> None:
         """Write ``data_zyx`` (the whole of ``box``) chunk by chunk, in parallel if possible."""
@@ -197,7 +201,7 @@ def split_by_chunks(box: Box, chunks: XYZ) -> list[Box]:
     edges = []
     for s, e, c in zip(box.start, box.end, chunks):
         cuts = [s] + list(range((s // c + 1) * c, e, c)) + [e]
-        edges.append(list(zip(cuts[:-1], cuts[1:])))
+        edges.append(list(itertools.pairwise(cuts)))
     return [
         Box((x0, y0, z0), (x1, y1, z1))
         for (z0, z1) in edges[2]
@@ -264,13 +268,17 @@ def create_volume(
     chunks: XYZ,
     dtype: str | np.dtype,
     attributes: dict | None = None,
-    compression_level: int = 1,
+    compression_level: int | None = None,
     overwrite: bool = False,
+    compression: str = "gzip",
 ) -> Volume:
-    """Create a gzip-compressed 3-D dataset (x,y,z ``shape`` and ``chunks``).
+    """Create a compressed 3-D dataset (x,y,z ``shape`` and ``chunks``).
 
-    An existing dataset is kept and reused if it has the same shape, chunks and dtype; anything
-    else raises :class:`OutputError` unless ``overwrite`` is true, in which case it is replaced.
+    ``compression`` is an N5 compression name (:func:`codecs.compressor`: gzip, raw, bzip2, xz,
+    blosc) and ``compression_level`` its level (None: the codec's default, gzip 1). An existing
+    dataset is kept and reused if it has the same shape, chunks and dtype; anything else raises
+    :class:`OutputExistsError` unless ``overwrite`` is true, in which case it is replaced. An
+    output location that cannot be written raises :class:`OutputError` naming the path.
     """
     import zarr
 
@@ -278,18 +286,18 @@ def create_volume(
     if not dataset:
         raise OutputError("an output dataset path inside the container is required (e.g. /segmented/s0)")
     dtype = np.dtype(dtype)
-    if not 1 <= compression_level <= 9:
-        raise OutputError(f"gzip compression level {compression_level} is not in 1..9")
+    compressor = codecs.compressor(compression, compression_level)
     container = str(container)
-    if is_n5(container) or not Path(container).exists():
-        # New containers are N5 unless they are named *.zarr.
-        if not Path(container).exists() and Path(container).suffix.lower() == ".zarr":
-            store = zarr.DirectoryStore(container)
-        else:
-            store = _n5_store(container)
-    else:
-        store = zarr.DirectoryStore(container)
+    _check_creatable(container)
     try:
+        if is_n5(container) or not Path(container).exists():
+            # New containers are N5 unless they are named *.zarr.
+            if not Path(container).exists() and Path(container).suffix.lower() == ".zarr":
+                store = zarr.DirectoryStore(container)
+            else:
+                store = _n5_store(container)
+        else:
+            store = zarr.DirectoryStore(container)
         root = zarr.open_group(store=store, mode="a")
         if dataset in root:
             existing = root[dataset]
@@ -307,9 +315,9 @@ def create_volume(
                     if isinstance(existing, zarr.Array)
                     else "a group"
                 )
-                raise OutputError(
+                raise OutputExistsError(
                     f"{container}:/{dataset} already exists with {desc}, not shape {format_xyz(shape)}, "
-                    f"chunks {format_xyz(chunks)}, {dtype}; pass --overwrite to replace it"
+                    f"chunks {format_xyz(chunks)}, {dtype}; replace it explicitly or choose another dataset"
                 )
             del root[dataset]
         array = root.create_dataset(
@@ -317,14 +325,73 @@ def create_volume(
             shape=tuple(reversed(shape)),
             chunks=tuple(reversed(chunks)),
             dtype=dtype,
-            compressor=codecs.IsalGZip(level=compression_level),
+            compressor=compressor,
             fill_value=0,
         )
         if attributes:
             array.attrs.update({k: v for k, v in attributes.items() if k in RESOLUTION_ATTRIBUTES})
-    except OSError as exc:
-        raise OutputError(f"cannot create {container}:/{dataset}: {exc}") from exc
+    except (OSError, KeyError) as exc:
+        error = _os_error(exc)
+        if error is None:
+            raise
+        top = Path(container) / dataset if (Path(container) / dataset).exists() else Path(container)
+        raise OutputError(write_error_message(f"{container}:/{dataset}", error, top)) from exc
     return Volume(container, dataset, array)
+
+
+def _check_creatable(container: str) -> None:
+    """A container path must be a directory or creatable as one: no plain file at it or above it."""
+    path = Path(container)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "exists and is a file, not" if p == path else f"lies under the file {p}, which is not"
+                raise OutputError(f"cannot create {container}: it {what} a directory (an N5 or zarr container is a directory)")
+            return
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError behind a failed store operation (zarr's DirectoryStore turns a failed mkdir into KeyError)."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_error_message(what: str, error: OSError, top: Path) -> str:
+    """One line for a failed write: the path that refused it, who owns it and how to fix it.
+
+    ``top`` is the directory to hand back to the user (the dataset or container).
+    """
+    import errno
+
+    if error.filename is None:
+        return f"cannot write {what}: {error.strerror or error}"
+    name = os.fsdecode(error.filename)
+    # shutil.rmtree reports bare entry names (it works relative to directory descriptors)
+    failed = Path(name) if os.sep in name else top
+    at = next((p for p in (failed, *failed.parents) if p.exists()), failed)
+    if not top.exists():
+        top = at
+    if error.errno == errno.EROFS:
+        return f"cannot write {what}: {at} is on a read-only file system; write the output somewhere writable"
+    if error.errno not in (errno.EACCES, errno.EPERM):
+        return f"cannot write {what}: {error.strerror} ({failed})"
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        st = at.stat()
+    except OSError:
+        return f"cannot write {what}: {at} is not writable by this user (uid {uid})"
+    mode = oct(st.st_mode & 0o777)
+    if st.st_uid != uid:
+        return (
+            f"cannot write {what}: {at} is not writable by this user (uid {uid}); it belongs to uid {st.st_uid} "
+            f"(mode {mode}). Output written by a container running as another user (e.g. root, docker run without -u) "
+            f'causes this: run containers with -u "$(id -u):$(id -g)", or give the files back with '
+            f"chown -R {uid}:{gid} {top}"
+        )
+    return f"cannot write {what}: {at} is not writable by this user (uid {uid}, mode {mode}); make it writable (chmod u+w {at})"
 
 
 def input_attributes(volume: Volume) -> dict:
