@@ -1,0 +1,610 @@
+"""TIFF input: a folder of z slices, or one multi-page (Big)TIFF, converted to an N5 dataset in x,y,z.
+
+This is the host pipeline's ``tiff_to_n5`` step (host contract 2.2) with its flags and defaults,
+and these differences on purpose:
+
+* **Slice order.** Slices are sorted by the integer at the end of the file name's stem: ``2.tif``
+  before ``12.tif``, and ``slice_0002.tif`` before ``slice_0012.tif``. The host sorts by
+  ``int(stem)``, which this extends to names with a common prefix; a stem without a trailing integer,
+  two different prefixes, or one index twice is an error naming the files.
+* **Axis order.** The N5 ``blockSize`` is the chunk size as given, x,y,z (the host handed it to zarr
+  in z,y,x order, so an anisotropic block size landed reversed).
+* **Memory.** Each output chunk reads only the part of each slice it needs: uncompressed slices
+  are memory-mapped and only the chunk's rows are touched; compressed or tiled slices decode only the
+  strips or tiles that meet the chunk. Memory does not grow with the slice area; chunks in flight are
+  limited by ``memory_limit``.
+* **No half-written output.** Every slice header (shape, dtype, compression, data inside the file)
+  is checked before anything is created; the dataset is written under a temporary sibling name in
+  the container and renamed into place when complete, so the target path never holds a partial
+  conversion. The dataset records its source (a digest of the file names, sizes and mtimes), chunks,
+  compression and region; a re-run of the same conversion is skipped, anything else at the target
+  is replaced only when asked to.
+* **Voxel size.** ImageJ-calibrated TIFFs (``unit`` and ``spacing`` in the ImageJ description,
+  X/YResolution tags) give N5 ``pixelResolution`` ``{"dimensions": [x,y,z], "unit": ...}`` and
+  ``resolution`` [x,y,z].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import codecs
+from .errors import GeometryError, NeuronSegError, OutputError, OutputExistsError, TiffError
+from .geometry import XYZ, Box, format_xyz
+from .volume import Volume, create_volume, default_io_threads, io_executor, normalise_dataset_path, open_volume
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATTERN = "*.tif"
+DEFAULT_CHUNKS: XYZ = (512, 512, 512)
+# Chunks in flight are limited so that their buffers fit in this many bytes (see COPIES_PER_CHUNK).
+DEFAULT_MEMORY_LIMIT = 1_500_000_000
+# Peak bytes per chunk in flight, in chunk sizes: the chunk read from the TIFFs, the big-endian copy
+# zarr's N5 codec makes, the compressed stream and its copy with the N5 block header.
+COPIES_PER_CHUNK = 4
+ATTRIBUTE = "tiffToN5"  # the conversion record in the dataset's attributes.json
+DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")
+_SLICE_NAME = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)$")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the data of slices with the same TIFF layout is stored and decoded."""
+
+    dtype: np.dtype  # in the file's byte order
+    decode: Callable | None  # tifffile's segment decoder; None: uncompressed rows read in place
+    segment: tuple[int, int] = (0, 0)  # rows, columns of one strip or tile
+    across: int = 1  # strips or tiles per row of them
+    jpegtables: bytes | None = None
+
+
+@dataclass(frozen=True)
+class _Slice:
+    file: int  # index into TiffStack.files
+    offsets: np.ndarray  # of its strips or tiles (one offset: uncompressed rows, contiguous)
+    bytecounts: np.ndarray
+    layout: object  # key into TiffStack.layouts
+
+
+@dataclass
+class TiffStack:
+    """A validated TIFF series in x,y,z: a folder of single-page slices or one multi-page file."""
+
+    source: Path
+    files: list[Path]
+    shape: XYZ
+    dtype: np.dtype
+    slices: list[_Slice] = field(repr=False)
+    layouts: dict = field(repr=False)
+    voxel_size: tuple[float, float, float] | None = None
+    unit: str | None = None
+
+    @property
+    def multipage(self) -> bool:
+        return len(self.files) == 1 and self.shape[2] > 1
+
+    def resolution_attributes(self) -> dict:
+        """N5 ``pixelResolution`` and ``resolution`` (x,y,z) when the TIFFs give a voxel size."""
+        if self.voxel_size is None:
+            return {}
+        size = [float(v) for v in self.voxel_size]
+        return {"pixelResolution": {"dimensions": size, "unit": self.unit or "pixel"}, "resolution": size}
+
+    def read_zyx(self, box: Box, out: np.ndarray) -> None:
+        """Read ``box`` (inside the stack) into the z,y,x array ``out``, slice by slice."""
+        (x0, y0, z0), (x1, y1, z1) = box.start, box.end
+        handles: dict[int, object] = {}
+        try:
+            for z in range(z0, z1):
+                sl = self.slices[z]
+                if sl.file not in handles:
+                    if len(handles) > 4:  # series: one file per slice; keep only a few open
+                        for h in handles.values():
+                            h.close()  # type: ignore[attr-defined]
+                        handles.clear()
+                    handles[sl.file] = open(self.files[sl.file], "rb")  # noqa: SIM115 - closed below
+                try:
+                    self._read_rect(sl, handles[sl.file], y0, y1, x0, x1, out[z - z0])
+                except MemoryError:
+                    raise
+                except Exception as exc:  # decoders of damaged data raise anything (zlib.error, ...)
+                    raise TiffError(f"{self.files[sl.file]}: cannot read slice z={z} ({type(exc).__name__}: {exc})") from exc
+        finally:
+            for h in handles.values():
+                h.close()  # type: ignore[attr-defined]
+
+    def _read_rect(self, sl: _Slice, fh, y0: int, y1: int, x0: int, x1: int, out: np.ndarray) -> None:
+        layout: _Layout = self.layouts[sl.layout]
+        width = self.shape[0]
+        if layout.decode is None:
+            # Only the chunk's rows are mapped, and only the pages holding its columns are read.
+            rows = np.memmap(
+                fh, dtype=layout.dtype, mode="r", offset=int(sl.offsets[0]) + y0 * width * layout.dtype.itemsize,
+                shape=(y1 - y0, width),
+            )
+            out[...] = rows[:, x0:x1]
+            del rows
+            return
+        fd = fh.fileno()
+        seg_rows, seg_cols = layout.segment
+        for r in range(y0 // seg_rows, (y1 - 1) // seg_rows + 1):
+            for c in range(x0 // seg_cols, (x1 - 1) // seg_cols + 1):
+                index = r * layout.across + c
+                count = int(sl.bytecounts[index])
+                data = os.pread(fd, count, int(sl.offsets[index])) if count else None
+                if data is not None and len(data) < count:
+                    raise ValueError(f"the file ends inside strip/tile {index}: truncated")
+                segment, _, shape = layout.decode(data, index, jpegtables=layout.jpegtables)
+                top, left = r * seg_rows, c * seg_cols
+                a0, a1 = max(y0, top), min(y1, top + shape[1])
+                b0, b1 = max(x0, left), min(x1, left + shape[2])
+                target = out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
+                if segment is None:  # an empty strip or tile: TIFF readers fill it with 0
+                    target[...] = 0
+                else:
+                    target[...] = segment.reshape(shape)[0, a0 - top : a1 - top, b0 - left : b1 - left, 0]
+
+
+@dataclass
+class TiffConversion:
+    """What :func:`tiff_to_n5` did."""
+
+    volume: Volume
+    files: int  # TIFF files read (or that would have been)
+    region: Box | None  # the part of the image written (None when skipped)
+    chunks_written: int = 0
+    seconds: float = 0.0
+    bytes_read: int = 0  # raw (uncompressed) bytes of the region
+    skipped: bool = False  # the target was this conversion already
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_read / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+# ---- finding and validating the slices -------------------------------------------------------
+
+
+def find_tiffs(input: str | Path, pattern: str = DEFAULT_PATTERN) -> list[Path]:
+    """The TIFF files of ``input`` in z order: a file alone, or a folder's files matching ``pattern``.
+
+    Slices are sorted by the integer that ends their stem (``2.tif`` < ``12.tif``,
+    ``slice_0002.tif`` < ``slice_0012.tif``). A folder with one matching file is that file
+    (multi-page or not). Raises :class:`TiffError` for a missing input, no match, a stem without
+    a trailing integer, different prefixes or a repeated index.
+    """
+    path = Path(input)
+    if path.is_file():
+        return [path]
+    if not path.exists():
+        raise TiffError(f"TIFF input {path} does not exist (expected a folder of slices or a multi-page TIFF file)")
+    if not path.is_dir():
+        raise TiffError(f"TIFF input {path} is neither a file nor a folder")
+    files = [p for p in path.glob(pattern) if p.is_file()]
+    if not files:
+        others = sorted(p.name for p in path.iterdir() if p.is_file())
+        hint = f" (it holds {len(others)} file{'s' * (len(others) != 1)}, e.g. {others[0]})" if others else " (it is empty)"
+        raise TiffError(f"no file in {path} matches the pattern {pattern!r}{hint}")
+    if len(files) == 1:
+        return files
+    keyed = []
+    for f in files:
+        m = _SLICE_NAME.match(f.stem)
+        if m is None:
+            raise TiffError(
+                f"slice {f} has no z index: its name must end in an integer (0.tif, 12.tif, slice_0012.tif); "
+                f"choose the slices with a pattern that leaves out other files"
+            )
+        keyed.append((m["prefix"], int(m["index"]), f))
+    prefixes = {}
+    for prefix, _, f in keyed:
+        prefixes.setdefault(prefix, f)
+    if len(prefixes) > 1:
+        (p1, f1), (p2, f2) = list(prefixes.items())[:2]
+        raise TiffError(
+            f"slices {f1.name} and {f2.name} have different name prefixes ({p1!r}, {p2!r}), so their z order is "
+            "ambiguous; all slices must be <prefix><integer>, e.g. slice_0001.tif; narrow the pattern to one series"
+        )
+    keyed.sort(key=lambda k: k[1])
+    for (_, i, a), (_, j, b) in itertools.pairwise(keyed):
+        if i == j:
+            raise TiffError(f"slices {a} and {b.name} have the same z index {i}")
+    return [f for _, _, f in keyed]
+
+
+def source_record(files: Sequence[Path]) -> dict:
+    """The listing that identifies a conversion's input: file count, first and last name, and a
+    SHA-256 of every file's name, size and mtime."""
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"files": len(files), "first": files[0].name, "last": files[-1].name, "listingSha256": h.hexdigest()}
+
+
+def open_tiff_stack(input: str | Path, pattern: str = DEFAULT_PATTERN, files: Sequence[Path] | None = None) -> TiffStack:
+    """Find the slices (:func:`find_tiffs`) and validate every header; reads no image data.
+
+    Every slice must be one grayscale 2-D image of the same shape and dtype, stored inside its file,
+    with a compression this installation can decode. Raises :class:`TiffError` naming the file.
+    """
+    import tifffile
+
+    files = list(files) if files is not None else find_tiffs(input, pattern)
+    slices: list[_Slice] = []
+    layouts: dict = {}
+    first: tuple[tuple[int, int], np.dtype, Path] | None = None
+    voxel_size, unit = None, None
+    for k, path in enumerate(files):
+        try:
+            with tifffile.TiffFile(path) as tif:
+                pages = _stack_pages(tif, path, single=len(files) == 1)
+                size = path.stat().st_size
+                for offsets, counts, keyframe in pages:
+                    shape, dtype = _check_page(keyframe, path)
+                    if first is None:
+                        first = (shape, dtype, path)
+                        voxel_size, unit = _voxel_size(tif, keyframe)
+                    elif (shape, dtype) != first[:2]:
+                        raise TiffError(
+                            f"slice {path} is {shape[1]}x{shape[0]} (x,y) {dtype}, but {first[2]} is "
+                            f"{first[0][1]}x{first[0][0]} {first[1]}: all slices must have one shape and dtype"
+                        )
+                    key = _layout_key(tif, keyframe, offsets, counts)
+                    end = int((offsets + counts).max()) if len(offsets) else 0
+                    if key[0] == "rows":  # read in place: the whole image must lie in the file
+                        end = max(end, int(offsets[0]) + shape[0] * shape[1] * dtype.itemsize)
+                    if end > size:
+                        raise TiffError(f"{path} is truncated: its image data ends at byte {end}, the file has {size} bytes")
+                    if key not in layouts:
+                        layouts[key] = _make_layout(tif, keyframe, key)
+                    slices.append(_Slice(k, offsets, counts, key))
+        except NeuronSegError:
+            raise
+        except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError, struct.error) as exc:
+            raise TiffError(f"{path} is not a readable TIFF file ({type(exc).__name__}: {exc})") from exc
+    assert first is not None
+    (height, width), dtype, _ = first
+    source = Path(input) if input is not None else files[0].parent
+    return TiffStack(source, files, (width, height, len(slices)), dtype, slices, layouts, voxel_size, unit)
+
+
+def _segments(page) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(page.dataoffsets, np.int64), np.asarray(page.databytecounts, np.int64)
+
+
+def _stack_pages(tif, path: Path, single: bool) -> list[tuple]:
+    """(offsets, bytecounts, page with the tags) per z slice of one file."""
+    from tifffile import TiffPage
+
+    if len(tif.pages) == 0:
+        raise TiffError(f"{path} is not a readable TIFF file (it has no image directory)")
+    if not single:
+        if len(tif.pages) != 1:
+            raise TiffError(
+                f"{path} has {len(tif.pages)} pages: slices in a folder must be single-page TIFFs "
+                "(give a multi-page TIFF alone, as the input file itself)"
+            )
+        page = tif.pages[0]
+        return [(*_segments(page), page)]
+    series = tif.series[0]
+    shape, axes = tuple(series.shape), series.axes
+    if len(shape) == 2:
+        shape, axes = (1, *shape), "Z" + axes
+    if len(shape) != 3 or axes[-2:] != "YX":
+        raise TiffError(
+            f"{path} holds a {len(shape)}-D image of shape {shape} (axes {axes}): only single-channel z stacks "
+            "(z,y,x) can be converted"
+        )
+    keyframe = series.keyframe
+    pages = [p for p in series.pages if p is not None]
+    if len(pages) == shape[0]:
+        if len(tif.pages) > len(pages):
+            raise TiffError(
+                f"{path} has {len(tif.pages)} pages, but only {len(pages)} of them form a stack of one shape and "
+                "dtype: every page must be a z slice of the same shape and dtype"
+            )
+        return [(*_segments(p), p if isinstance(p, TiffPage) else p.keyframe) for p in pages]
+    if len(tif.pages) == 1 and series.dataoffset is not None:
+        # ImageJ hyperstack > 4 GB: one image directory, the slices stored back to back after it
+        nbytes = math.prod(shape[1:]) * keyframe.dtype.itemsize
+        offsets = series.dataoffset + nbytes * np.arange(shape[0], dtype=np.int64)
+        return [(offsets[z : z + 1], np.asarray([nbytes], np.int64), keyframe) for z in range(shape[0])]
+    raise TiffError(f"{path}: only {len(pages)} of its {shape[0]} z slices have an image directory")
+
+
+def _check_page(page, path: Path) -> tuple[tuple[int, int], np.dtype]:
+    if page.samplesperpixel != 1:
+        raise TiffError(f"{path} has {page.samplesperpixel} samples per pixel (RGB?): only grayscale slices can be converted")
+    if getattr(page, "imagedepth", 1) != 1:
+        raise TiffError(f"{path} holds volumetric pages (depth {page.imagedepth}): only 2-D pages can be converted")
+    if page.dtype is None or np.dtype(page.dtype).name not in DTYPES:
+        raise TiffError(
+            f"{path} has {page.bitspersample}-bit samples of format {page.sampleformat}: supported dtypes are {', '.join(DTYPES)}"
+        )
+    if page.compression != 1:
+        from tifffile import TIFF
+
+        try:
+            TIFF.DECOMPRESSORS[page.compression]
+        except KeyError as exc:
+            need = str(exc).strip("'\"")
+            raise TiffError(f"{path} is compressed with {page.compression.name}, which cannot be decoded here: {need}") from None
+    return (int(page.imagelength), int(page.imagewidth)), np.dtype(page.dtype)
+
+
+def _layout_key(tif, page, offsets: np.ndarray, counts: np.ndarray):
+    rows_in_place = (
+        page.compression == 1
+        and page.predictor == 1
+        and page.fillorder == 1
+        and not page.is_tiled
+        and page.bitspersample in (8, 16, 32, 64)
+        and (len(offsets) == 1 or bool(np.all(offsets[:-1] + counts[:-1] == offsets[1:])))
+        and int(counts.sum()) >= page.imagelength * page.imagewidth * page.bitspersample // 8
+    )
+    return ("rows", tif.byteorder) if rows_in_place else ("decode", page.hash)
+
+
+def _make_layout(tif, page, key) -> _Layout:
+    dtype = np.dtype(page.dtype).newbyteorder(tif.byteorder)
+    if key[0] == "rows":
+        return _Layout(dtype, None)
+    page.decode  # noqa: B018 - tifffile: create the decoder before threads use it
+    rows, cols = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else (int(page.rowsperstrip), int(page.imagewidth))
+    rows = min(rows, int(page.imagelength)) or int(page.imagelength)
+    across = -(-int(page.imagewidth) // cols)
+    return _Layout(dtype, page.decode, (rows, cols), across, page.jpegtables)
+
+
+_MICRONS = {"micron", "microns", "um", "µm", "μm", "\\u00b5m", "micrometer", "micrometre"}
+
+
+def _voxel_size(tif, page) -> tuple[tuple[float, float, float] | None, str | None]:
+    """x,y from X/YResolution and z from ImageJ's ``spacing``, in ImageJ's ``unit``; None if any is missing."""
+    ij = tif.imagej_metadata or {}
+    unit = ij.get("unit")
+    if not unit or str(unit).lower() in ("pixel", "pixels"):
+        return None, None
+    unit = "um" if str(unit).lower() in _MICRONS else str(unit)
+    try:
+        xres, yres = page.tags["XResolution"].value, page.tags["YResolution"].value
+        x, y = xres[1] / xres[0], yres[1] / yres[0]
+    except (KeyError, ZeroDivisionError, TypeError, IndexError):
+        return None, None
+    z = ij.get("spacing")
+    if z is None:
+        log.info("the TIFFs give a pixel size of %g,%g %s but no z spacing: no voxel size recorded", x, y, unit)
+        return None, None
+    return (x, y, float(z)), unit
+
+
+# ---- the conversion --------------------------------------------------------------------------
+
+
+def parse_subvol(text: str | Sequence[int] | None) -> tuple[XYZ, XYZ] | None:
+    """``x0,y0,z0,dx,dy,dz`` -> (start, size); None or '' -> None."""
+    if text is None or text == "":
+        return None
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise GeometryError(f"subvolume {text!r} is not x0,y0,z0,dx,dy,dz with integer values") from None
+    if len(values) != 6:
+        raise GeometryError(f"subvolume {text!r} must have 6 values x0,y0,z0,dx,dy,dz, got {len(values)}")
+    start, size = tuple(values[:3]), tuple(values[3:])
+    if any(s < 1 for s in size):
+        raise GeometryError(f"subvolume size {format_xyz(size)} must be >= 1 on every axis")
+    return start, size  # type: ignore[return-value]
+
+
+def subvol_region(subvol: tuple[XYZ, XYZ] | None, shape: XYZ) -> Box:
+    """The region a subvolume (start, size) covers, clipped to the image; the whole image for None."""
+    image = Box((0, 0, 0), shape)
+    if subvol is None:
+        return image
+    start, size = subvol
+    if any(s < 0 or s >= n for s, n in zip(start, shape, strict=True)):
+        raise GeometryError(
+            f"subvolume start {format_xyz(start)} lies outside the image 0,0,0..{format_xyz(shape)} "
+            f"(allowed 0 <= start < shape on every axis)"
+        )
+    wanted = Box(start, tuple(s + d for s, d in zip(start, size, strict=True)))  # type: ignore[arg-type]
+    region = wanted.intersect(image)
+    if region != wanted:
+        log.info("subvolume %s clipped to the image: %s", wanted, region)
+    return region
+
+
+def chunk_boxes(region: Box, chunks: XYZ, shape: XYZ) -> list[Box]:
+    """The chunks (cut at the image edge) that meet ``region``, in storage order (x fastest)."""
+    ranges = [range(s // c, -(-e // c)) for s, e, c in zip(region.start, region.end, chunks, strict=True)]
+    boxes = []
+    for kz in ranges[2]:
+        for ky in ranges[1]:
+            for kx in ranges[0]:
+                start = (kx * chunks[0], ky * chunks[1], kz * chunks[2])
+                end = tuple(min(s + c, n) for s, c, n in zip(start, chunks, shape, strict=True))
+                boxes.append(Box(start, end))  # type: ignore[arg-type]
+    return boxes
+
+
+def _temporary_name(dataset: str) -> str:
+    parent, _, leaf = dataset.rpartition("/")
+    return f"{parent}/.{leaf}.tiff_to_n5.partial" if parent else f".{leaf}.tiff_to_n5.partial"
+
+
+def _existing_record(container: str, dataset: str) -> tuple[bool, dict | None]:
+    """(exists, its conversion record) for the target path."""
+    path = Path(container) / dataset
+    if not path.exists():
+        return False, None
+    try:
+        attrs = json.loads((path / "attributes.json").read_text())
+    except (OSError, ValueError):
+        return True, None
+    record = attrs.get(ATTRIBUTE) if isinstance(attrs, dict) else None
+    return True, record if isinstance(record, dict) else None
+
+
+def _replace(container: str, temporary: str, dataset: str) -> None:
+    """Rename the finished temporary dataset to the target path (replacing what is there)."""
+    src, dst = Path(container) / temporary, Path(container) / dataset
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.tiff_to_n5.replaced")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(src, dst)
+
+
+def tiff_to_n5(
+    input: str | Path,
+    container: str | Path,
+    dataset: str = "s0",
+    chunks: XYZ = DEFAULT_CHUNKS,
+    pattern: str = DEFAULT_PATTERN,
+    subvol: str | tuple[XYZ, XYZ] | None = None,
+    compression: str = "gzip",
+    compression_level: int | None = None,
+    overwrite: bool = False,
+    threads: int | None = None,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    progress: Callable[[int, int], None] | None = None,
+) -> TiffConversion:
+    """Convert a TIFF series (folder of slices, or one multi-page file) into an N5 (or zarr) dataset.
+
+    Args:
+        input: a folder of z slices (files matching ``pattern``) or one multi-page TIFF file.
+        container, dataset: the output, created if missing (N5 unless the container is named *.zarr).
+        chunks: the chunk size (N5 ``blockSize``), x,y,z.
+        subvol: ``"x0,y0,z0,dx,dy,dz"`` (or (start, size)): the full-size dataset is created but only
+            this region (clipped to the image) is written, as the host does; it must start inside.
+        compression, compression_level: an N5 compression name and level (:func:`codecs.compressor`).
+        overwrite: replace a target dataset that is not this very conversion.
+        threads: chunk reading/encoding threads (default: :func:`volume.default_io_threads`).
+        memory_limit: bytes for the chunks in flight (~``COPIES_PER_CHUNK`` chunk sizes each); at least
+            one chunk is always in flight.
+        progress: called with (chunks done, chunks total) after each chunk; whatever it raises stops
+            the conversion (the temporary dataset is removed).
+
+    Returns:
+        A :class:`TiffConversion`; ``skipped`` when the target already holds this conversion.
+
+    Raises:
+        TiffError, GeometryError, CompressionError: bad input (nothing is created);
+        OutputExistsError: the target exists and is another conversion, and ``overwrite`` is false;
+        OutputError: the output cannot be written.
+    """
+    from zarr.n5 import compressor_config_to_n5
+
+    t0 = time.perf_counter()
+    codec = codecs.compressor(compression, compression_level)
+    chunks = tuple(int(c) for c in chunks)  # type: ignore[assignment]
+    if len(chunks) != 3 or any(c < 1 for c in chunks):
+        raise GeometryError(f"chunk size {chunks} must be 3 values x,y,z >= 1")
+    subvolume = parse_subvol(subvol) if isinstance(subvol, str) or subvol is None else subvol
+    container, dataset = str(container), normalise_dataset_path(dataset)
+    if not dataset:
+        raise OutputError("an output dataset path inside the container is required (e.g. /s0)")
+    files = find_tiffs(input, pattern)
+    record = {
+        "input": str(Path(input).resolve()),
+        "pattern": pattern,
+        **source_record(files),
+        "blockSize": list(chunks),
+        "compression": compressor_config_to_n5(codec.get_config() if codec else None),
+        "subvol": [*subvolume[0], *subvolume[1]] if subvolume else None,
+    }
+    exists, existing = _existing_record(container, dataset)
+    if exists and existing == record:
+        volume = open_volume(container, dataset)
+        log.info("%s is already this conversion of %d TIFF files: nothing to do", volume, len(files))
+        return TiffConversion(volume, len(files), None, skipped=True, seconds=time.perf_counter() - t0)
+    if exists and not overwrite:
+        why = "was converted with other settings or from other files" if existing else "was not made by this conversion"
+        raise OutputExistsError(f"{container}:/{dataset} already exists and {why}; replace it explicitly or choose another dataset")
+
+    stack = open_tiff_stack(input, files=files)
+    region = subvol_region(subvolume, stack.shape)
+    boxes = chunk_boxes(region, chunks, stack.shape)  # type: ignore[arg-type]
+    temporary = _temporary_name(dataset)
+    volume = create_volume(
+        container, temporary, stack.shape, chunks, stack.dtype,  # type: ignore[arg-type]
+        attributes=stack.resolution_attributes(), compression=compression, compression_level=compression_level,
+        overwrite=True,  # a leftover of a killed conversion
+    )
+    log.info(
+        "converting %d TIFF %s (%s, %s) into %s:/%s: %d chunks of %s",
+        len(files), "file" if len(files) == 1 else "slices", format_xyz(stack.shape), stack.dtype,
+        container, dataset, len(boxes), format_xyz(chunks),
+    )
+    try:
+        _convert(stack, volume, region, boxes, threads, memory_limit, progress)
+        volume.array.attrs[ATTRIBUTE] = record
+        _replace(container, temporary, dataset)
+    except BaseException:
+        shutil.rmtree(volume.path, ignore_errors=True)
+        raise
+    volume = open_volume(container, dataset)
+    return TiffConversion(
+        volume, len(files), region, len(boxes), time.perf_counter() - t0, region.size * stack.dtype.itemsize
+    )
+
+
+def _convert(stack: TiffStack, volume: Volume, region: Box, boxes: list[Box], threads, memory_limit, progress) -> None:
+    chunk_bytes = math.prod(volume.chunks) * stack.dtype.itemsize
+    threads = threads or default_io_threads()
+    in_flight = max(1, min(threads, int(memory_limit // (COPIES_PER_CHUNK * chunk_bytes))))
+    if in_flight < threads:
+        log.info("%d chunks in flight (of %d threads): %d MB each, memory limit %d MB", in_flight, threads,
+                 chunk_bytes // 10**6, memory_limit // 10**6)
+    pool = io_executor(in_flight)
+
+    def convert(box: Box) -> None:
+        part = box.intersect(region)
+        data = np.zeros(box.shape[::-1], stack.dtype) if part != box else np.empty(box.shape[::-1], stack.dtype)
+        stack.read_zyx(part, data[part.slices(box.start)[::-1]])
+        volume.write_zyx(box.start, data)
+
+    pending: set[Future] = set()
+    done = 0
+    try:
+        for box in boxes:
+            while len(pending) >= in_flight:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    f.result()
+                    done += 1
+                    if progress:
+                        progress(done, len(boxes))
+            pending.add(pool.submit(convert, box))
+        for f in pending:
+            f.result()
+            done += 1
+            if progress:
+                progress(done, len(boxes))
+        pending = set()
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
