@@ -10,7 +10,8 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 import typer
 
@@ -64,11 +65,16 @@ def run(app: typer.Typer) -> None:
 
 
 class Progress:
-    """Tiles (or tiles of blocks) done with a rate, on stderr; a tqdm bar when stderr is a terminal."""
+    """Tiles (or tiles of blocks) done with a rate, on stderr; a tqdm bar when stderr is a terminal.
+
+    Without tqdm (the light create-volume image has none) it prints a plain line every 30 s and at the end.
+    """
 
     def __init__(self, unit: str, total_voxels: float = 0.0, enabled: bool = True) -> None:
-        from tqdm import tqdm
-
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = _PlainBar
         self.bar = None
         self.unit, self.total_voxels, self.enabled = unit, total_voxels, enabled
         self.t0 = time.perf_counter()
@@ -98,3 +104,25 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class _PlainBar:
+    """The part of tqdm's interface Progress uses, as plain lines: "chunk 3/16 (19%) 12.3 s"."""
+
+    def __init__(self, total: int, unit: str, file, mininterval: float = 30.0, **_) -> None:
+        self.total, self.unit, self.file, self.interval = total, unit, file, mininterval
+        self.n, self.postfix, self.t0, self.shown = 0, "", time.perf_counter(), -float("inf")
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.perf_counter() - self.t0
+        if self.n >= self.total or now - self.shown >= self.interval:
+            self.shown = now
+            rate = f", {self.postfix}" if self.postfix else ""
+            print(f"{self.unit} {self.n}/{self.total} ({100 * self.n // max(self.total, 1)}%) {now:.1f} s{rate}", file=self.file, flush=True)
+
+    def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        self.postfix = text
+
+    def close(self) -> None:
+        pass

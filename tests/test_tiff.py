@@ -363,3 +363,13 @@ def test_library_errors_are_typed(bad_cases):
     source, _, _ = bad_cases["slice shapes differ"]
     with pytest.raises(TiffError, match="one shape and dtype"):
         open_tiff_stack(source)
+
+
+def test_progress_lines_without_tqdm(image, tmp_path):
+    """The light create-volume image has no tqdm: progress is then plain lines on stderr."""
+    write_series(tmp_path / "s", image)
+    (tmp_path / "shadow" / "tqdm").mkdir(parents=True)
+    (tmp_path / "shadow" / "tqdm" / "__init__.py").write_text("raise ImportError('no tqdm in this image')\n")
+    proc = run_script("tiff_to_n5.py", "-i", tmp_path / "s", "-o", tmp_path / "o.n5", "-c", "16,8,3",
+                      env={"PYTHONPATH": str(tmp_path / "shadow")}, check=True)
+    assert "chunk 18/18 (100%)" in proc.stderr and "18 chunks from 7 TIFF files" in proc.stdout

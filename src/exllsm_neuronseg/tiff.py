@@ -572,39 +572,57 @@ def tiff_to_n5(
 
 
 def _convert(stack: TiffStack, volume: Volume, region: Box, boxes: list[Box], threads, memory_limit, progress) -> None:
+    """Read chunk after chunk (its z slices split over the reading threads) while earlier chunks
+    are encoded and written by others; the chunks alive at once fit ``memory_limit``."""
     chunk_bytes = math.prod(volume.chunks) * stack.dtype.itemsize
     threads = threads or default_io_threads()
-    in_flight = max(1, min(threads, int(memory_limit // (COPIES_PER_CHUNK * chunk_bytes))))
-    if in_flight < threads:
-        log.info("%d chunks in flight (of %d threads): %d MB each, memory limit %d MB", in_flight, threads,
-                 chunk_bytes // 10**6, memory_limit // 10**6)
-    pool = io_executor(in_flight)
+    # an encoding chunk costs COPIES_PER_CHUNK chunk sizes, a chunk read ahead for a free encoder one
+    encoders = max(1, min(threads, int(memory_limit // (COPIES_PER_CHUNK * chunk_bytes))))
+    ahead = max(0, min(encoders, int((memory_limit - encoders * COPIES_PER_CHUNK * chunk_bytes) // chunk_bytes)))
+    if encoders < threads:
+        log.info(
+            "%d chunk(s) encoding at a time and %d read ahead: %d MB chunks, memory limit %d MB",
+            encoders, ahead, chunk_bytes // 10**6, memory_limit // 10**6,
+        )
+    readers, writers = io_executor(threads), io_executor(encoders)
 
-    def convert(box: Box) -> None:
+    def read(box: Box) -> np.ndarray:
         part = box.intersect(region)
         data = np.zeros(box.shape[::-1], stack.dtype) if part != box else np.empty(box.shape[::-1], stack.dtype)
-        stack.read_zyx(part, data[part.slices(box.start)[::-1]])
-        volume.write_zyx(box.start, data)
+        target = data[part.slices(box.start)[::-1]]
+        (x0, y0, z0), (x1, y1, z1) = part.start, part.end
+        cuts = sorted({int(c) for c in np.linspace(z0, z1, min(threads, z1 - z0) + 1)})
+        slabs = [
+            readers.submit(stack.read_zyx, Box((x0, y0, a), (x1, y1, b)), target[a - z0 : b - z0])
+            for a, b in itertools.pairwise(cuts)
+        ]
+        for f in slabs:
+            f.result()
+        return data
 
     pending: set[Future] = set()
     done = 0
-    try:
-        for box in boxes:
-            while len(pending) >= in_flight:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    f.result()
-                    done += 1
-                    if progress:
-                        progress(done, len(boxes))
-            pending.add(pool.submit(convert, box))
-        for f in pending:
+
+    def harvest() -> None:
+        nonlocal pending, done
+        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for f in finished:
             f.result()
             done += 1
             if progress:
                 progress(done, len(boxes))
-        pending = set()
+
+    try:
+        for box in boxes:
+            while len(pending) + 1 > encoders + ahead:
+                harvest()
+            data = read(box)
+            pending.add(writers.submit(volume.write_zyx, box.start, data))
+            del data  # only the write task holds the chunk now
+        while pending:
+            harvest()
     finally:
         for f in pending:
             f.cancel()
-        pool.shutdown(wait=True)
+        readers.shutdown(wait=True)
+        writers.shutdown(wait=True)
