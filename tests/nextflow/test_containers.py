@@ -1,9 +1,11 @@
 """Per-stage containers: hadolint, the Dockerfiles' wiring to the modules, and the per-stage
 dependency split (each stage's set installs alone in a fresh venv and its CLIs work from it).
 
-No container engine runs on the CI machine, so an image is checked through what it is made of:
-its requirements install into a fresh venv exactly as the Dockerfile installs them (same files,
-same pip flags, the library with --no-deps, only the bin/ scripts the Dockerfile copies).
+Each image installs the project with its stage's extras (``"/tmp/exllsm-neuronseg[scaling,tf-gpu]"``)
+and ``-c containers/constraints.txt``. Here that set is installed into a fresh venv the same way
+(same extras, same constraints, TensorFlow's CPU build in place of the CUDA one, only the bin/
+scripts the Dockerfile copies), ``pip check`` must pass and every installed package must be pinned.
+The images themselves are built and run in tests/containers/test_images.py.
 """
 
 from __future__ import annotations
@@ -46,6 +48,72 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
 
 def requirements(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def constraints() -> dict[str, str]:
+    """containers/constraints.txt: canonical name -> pinned version."""
+    return {canonical(k): v for k, v in (line.split("==") for line in requirements(CONTAINERS / "constraints.txt"))}
+
+
+def project() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def stage_extras(stage: str) -> list[str]:
+    """The extras the stage's Dockerfile installs the project with."""
+    found = set(re.findall(r'"/tmp/exllsm-neuronseg\[([\w,-]+)\]"', (CONTAINERS / stage / "Dockerfile").read_text()))
+    assert len(found) == 1, f"{stage}: the project must be installed with one set of extras, found {found}"
+    return found.pop().split(",")
+
+
+def declared(extras: list[str]) -> list[str]:
+    """The requirements of the core plus ``extras``, the project's own extras (``exllsm-neuronseg[n5]``)
+    expanded."""
+    meta, out, todo, seen = project(), list(project()["dependencies"]), list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for req in meta["optional-dependencies"][extra]:
+            own = re.fullmatch(r"exllsm-neuronseg\[([\w,-]+)\]", req)
+            if own:
+                todo += own.group(1).split(",")
+            else:
+                out.append(req)
+    return out
+
+
+def top_level(stage: str, gpu: bool = True) -> list[str]:
+    """What the stage's image asks for by name, pinned: ``name[extras]==version``, sorted. With
+    ``gpu=False`` the CPU build of TensorFlow replaces ``tensorflow[and-cuda]`` (extra tf for tf-gpu)."""
+    extras = stage_extras(stage)
+    if not gpu:
+        extras = ["tf" if extra == "tf-gpu" else extra for extra in extras]
+    pins, found = constraints(), {}
+    for req in declared(extras):
+        name, extra = re.match(r"([\w.-]+)(\[[\w,-]+\])?", req).groups()
+        assert canonical(name) in pins, f"{stage}: {req} is not pinned in containers/constraints.txt"
+        found[canonical(name)] = f"{name}{extra or ''}=={pins[canonical(name)]}"
+    return sorted(found.values())
+
+
+def unpinned(installed: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Installed distributions (name -> version) that the constraints do not pin at that version;
+    the installer's own tools and the project itself aside."""
+    pins = constraints()
+    skip = {"pip", "setuptools", "wheel", "exllsm-neuronseg"}
+    return {
+        name: (version, pins.get(canonical(name), "not pinned"))
+        for name, version in sorted(installed.items())
+        if canonical(name) not in skip and pins.get(canonical(name)) != version
+    }
 
 
 def image_of(stage: str) -> str:
@@ -93,8 +161,7 @@ def test_dockerfiles_match_the_modules():
         "TRAIN_UNET": image_of("train_unet"),
         "EVALUATE_UNET": image_of("train_unet"),
     }
-    constraints = dict(line.split("==") for line in requirements(CONTAINERS / "constraints.txt"))
-    constraints = {k.lower().replace("_", "-"): v for k, v in constraints.items()}
+    conda_sets: dict[str, set[str]] = {}
     tf_pin = re.search(r'"tensorflow\[and-cuda\]==([\d.]+)\.\*"', (ROOT / "pyproject.toml").read_text()).group(1)
     for name, image in images.items():
         stage = image.split("/exllsm-")[1].split(":")[0].replace("-", "_")
@@ -108,7 +175,8 @@ def test_dockerfiles_match_the_modules():
         # pinned base image, procps, CLIs on PATH
         base = steps[0]
         assert base[0] == "FROM" and re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base[1]), base
-        assert re.search(r"procps=\S+", text), stage
+        # procps: the upstream release pinned, Debian's revision open (a point release replaces it)
+        assert re.search(r"'procps=\d+:[\d.]+-\*'", text) and not re.search(r"procps=\S+-\d", text), stage
         env = " ".join(args for instruction, args in steps if instruction == "ENV")
         assert "PATH=/opt/exllsm/bin:$PATH" in env, stage
         # COPY sources exist; the module's script and _cli.py land on PATH
@@ -124,41 +192,44 @@ def test_dockerfiles_match_the_modules():
             r"^\s*(\w+\.py)\b", re.findall(r'"""(.*?)"""', modules()[name].script, re.DOTALL)[0], re.MULTILINE
         ).group(1)
         assert script in copied and "_cli.py" in copied, (stage, copied)
-        # this stage's requirements, pinned by the shared constraints, and the library without deps
+        # the project with this stage's extras, every package pinned by the shared constraints; no
+        # --no-deps (pip check passes in the image)
         runs = [args for instruction, args in steps if instruction == "RUN"]
-        assert any("-r /tmp/requirements/requirements.txt -c /tmp/requirements/constraints.txt" in r for r in runs)
-        assert any("pip install --no-cache-dir --no-deps /tmp/exllsm-neuronseg" in r for r in runs)
-        reqs = requirements(CONTAINERS / stage / "requirements.txt")
-        for req in reqs:
-            package, version = re.fullmatch(r"([\w.-]+)(?:\[[\w,-]+\])?==([\w.]+)", req).groups()
-            if package != "tensorflow":
-                assert constraints.get(package.lower().replace("_", "-")) == version, f"{stage}: {req} vs constraints"
+        extras = ",".join(stage_extras(stage))
+        install = f'pip install --no-cache-dir -c /tmp/exllsm-neuronseg/constraints.txt "/tmp/exllsm-neuronseg[{extras}]"'
+        assert sum(install in r for r in runs) == 2, f"{stage}: dependencies, then the library, with {install}"
+        assert "--no-deps" not in text, stage
+        reqs = top_level(stage)
         has_tf = any(r.startswith("tensorflow") for r in reqs)
         assert has_tf == (stage in TF_STAGES), stage
         if has_tf:
             assert f"tensorflow[and-cuda]=={tf_pin}." in " ".join(reqs)
-        # the module's conda environment lists the same pip packages
+        # matplotlib's font cache is baked into a world-writable MPLCONFIGDIR where matplotlib is installed
+        assert ("MPLCONFIGDIR=/opt/exllsm/matplotlib" in env) == any(r.startswith("matplotlib==") for r in reqs), stage
+        # the module's conda environment lists pip packages of its image, pinned the same
         env_yml = (modules()[name].path.parent / "environment.yml").read_text()
-        assert re.findall(r"^\s+- (\S+==\S+)\s*$", env_yml, re.MULTILINE) == reqs, name
+        listed = re.findall(r"^\s+- (\S+==\S+)\s*$", env_yml, re.MULTILINE)
+        assert set(listed) <= set(reqs), f"{name}: environment.yml pins outside its image's set: {set(listed) - set(reqs)}"
+        conda_sets.setdefault(stage, set()).update(listed)
+    # and together the modules of an image list all of it
+    for stage, listed in conda_sets.items():
+        assert listed == set(top_level(stage)), f"{stage}: no module's environment.yml lists {set(top_level(stage)) - listed}"
     entry = CONTAINERS / "segment_volume" / "Dockerfile"
     assert "COPY containers/segment_volume/entrypoint.sh /entrypoint.sh" in entry.read_text()
     assert os.access(CONTAINERS / "segment_volume" / "entrypoint.sh", os.X_OK)
 
 
 def test_constraints_pin_every_library_dependency():
-    """A dependency added to pyproject.toml must get a pin here (and then a place in some stage)."""
-    import tomllib
-
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    names = {re.match(r"[\w.-]+", dep).group(0).lower().replace("_", "-") for dep in project["dependencies"]}
-    pinned = {line.split("==")[0].lower().replace("_", "-") for line in requirements(CONTAINERS / "constraints.txt")}
+    """A dependency added to pyproject.toml (core or an extra the images use) must get a pin here,
+    and every extra but the test and CPU ones must be in some stage's image."""
+    meta = project()
+    extras = sorted(set(meta["optional-dependencies"]) - {"test"})
+    names = {canonical(re.match(r"[\w.-]+", req).group(0)) for req in declared(extras)}
+    pinned = set(constraints())
     assert names <= pinned, f"not pinned in containers/constraints.txt: {sorted(names - pinned)}"
-    staged = {
-        re.match(r"[\w.-]+", req).group(0).lower().replace("_", "-")
-        for stage in STAGES
-        for req in requirements(CONTAINERS / stage / "requirements.txt")
-    }
-    assert names <= staged, f"in no stage's requirements.txt: {sorted(names - staged)}"
+    used = {extra for stage in STAGES for extra in stage_extras(stage)}
+    assert set(extras) - used == {"all", "tf"}, f"extras no image installs: {sorted(set(extras) - used)}"
+    assert set(declared(["all"])) >= set(declared(sorted(used - {"tf-gpu"}))), "extra all must cover every stage"
 
 
 def _venv(stage: str, root: Path) -> Path:
@@ -166,23 +237,25 @@ def _venv(stage: str, root: Path) -> Path:
     venv = root / stage
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    reqs = root / f"{stage}-requirements.txt"
-    text = (CONTAINERS / stage / "requirements.txt").read_text()
-    # The GPU wheels (several GB) are replaced by the CPU build of the same TensorFlow release
-    reqs.write_text(re.sub(r"^tensorflow\[and-cuda\]==", "tensorflow-cpu==", text, flags=re.MULTILINE))
-    pip = [str(python), "-m", "pip", "install", *PIP_QUIET]
-    proc = subprocess.run(
-        [*pip, "-r", str(reqs), "-c", str(CONTAINERS / "constraints.txt")], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, f"{stage}: requirements do not install:\n{proc.stderr[-3000:]}"
     # the library as the Dockerfile copies it: pyproject.toml, README.md, src/
     source = root / f"{stage}-source"
     source.mkdir()
     shutil.copy(ROOT / "pyproject.toml", source)
     shutil.copy(ROOT / "README.md", source)
     shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
-    proc = subprocess.run([*pip, "--no-deps", str(source)], capture_output=True, text=True)
-    assert proc.returncode == 0, f"{stage}: the library does not install:\n{proc.stderr[-3000:]}"
+    # The GPU wheels (several GB) are replaced by the CPU build of the same TensorFlow release
+    extras = ",".join("tf" if extra == "tf-gpu" else extra for extra in stage_extras(stage))
+    pip = [str(python), "-m", "pip", *PIP_QUIET]
+    constraints_file = str(CONTAINERS / "constraints.txt")
+    proc = subprocess.run([*pip, "install", "-c", constraints_file, f"{source}[{extras}]"], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{stage}: .[{extras}] does not install:\n{proc.stderr[-3000:]}"
+    proc = subprocess.run([str(python), "-m", "pip", "check"], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{stage}: pip check:\n{proc.stdout}{proc.stderr}"
+    proc = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, check=True
+    )
+    installed = {d["name"]: d["version"] for d in json.loads(proc.stdout)}
+    assert not unpinned(installed), f"{stage}: installed vs containers/constraints.txt: {unpinned(installed)}"
     # only the bin/ scripts the Dockerfile copies onto PATH
     bin_dir = root / f"{stage}-bin"
     bin_dir.mkdir()
@@ -218,7 +291,7 @@ def test_stage_dependency_sets_install_alone(tmp_path):
         bins = dict(zip(STAGES, pool.map(lambda stage: _venv(stage, tmp_path), STAGES)))
 
     clis = {
-        "create_volume": ["create_volume.py", "make_test_volume.py"],
+        "create_volume": ["create_volume.py", "make_test_volume.py", "plan_blocks.py", "tiff_to_n5.py"],
         "scaling_factor": ["scaling_factor.py"],
         "segment_volume": ["segment_volume.py", "scaling_factor.py"],
         "train_unet": ["make_training_regions.py", "prepare_dataset.py", "train_unet.py", "evaluate_unet.py"],
@@ -361,14 +434,17 @@ def test_entrypoint_dispatches_the_host_script_names(tmp_path):
 def test_training_gpu_requirements_are_a_subset_of_the_segmentation_ones():
     """The training image's set is the segmentation image's (resolved with its CUDA wheels below)
     without the N5 stack, so it resolves too: the same pins, fewer top-level packages."""
-    train = set(requirements(CONTAINERS / "train_unet" / "requirements.txt"))
-    segment = set(requirements(CONTAINERS / "segment_volume" / "requirements.txt"))
-    assert train < segment and sorted(segment - train) == ["isal==1.9.1", "numcodecs==0.15.2", "zarr==2.18.7"]
+    train, segment = set(top_level("train_unet")), set(top_level("segment_volume"))
+    pins = constraints()
+    assert train < segment and sorted(segment - train) == [f"{n}=={pins[n]}" for n in ("isal", "numcodecs", "zarr")]
 
 
 def test_gpu_requirements_resolve(tmp_path):
-    """The real GPU set (tensorflow[and-cuda] with its CUDA wheels) resolves against the constraints."""
+    """The real GPU set (tensorflow[and-cuda] with its CUDA wheels) resolves against the constraints,
+    and the constraints pin every package it resolves to (the nvidia-* wheels included)."""
     report = tmp_path / "report.json"
+    reqs = tmp_path / "segment_volume.txt"
+    reqs.write_text("\n".join(top_level("segment_volume")) + "\n")
     proc = subprocess.run(
         [
             sys.executable,
@@ -391,7 +467,7 @@ def test_gpu_requirements_resolve(tmp_path):
             "--platform",
             "manylinux_2_28_x86_64",
             "-r",
-            str(CONTAINERS / "segment_volume" / "requirements.txt"),
+            str(reqs),
             "-c",
             str(CONTAINERS / "constraints.txt"),
         ],
@@ -406,3 +482,4 @@ def test_gpu_requirements_resolve(tmp_path):
     assert installed["tensorflow"].startswith("2.21.")
     assert any(name.startswith("nvidia-cudnn") for name in installed), sorted(installed)
     assert "tensorflow-cpu" not in installed
+    assert not unpinned(installed), f"resolved vs containers/constraints.txt: {unpinned(installed)}"
