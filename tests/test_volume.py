@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -102,9 +103,9 @@ from exllsm_neuronseg.errors import OutputError
 from exllsm_neuronseg.volume import create_volume, open_volume
 container, what = sys.argv[1], sys.argv[2]
 try:
-    if what == "chunks":
+    if what in ("write_zyx", "write_chunk"):
         vol = open_volume(container, "s0", mode="r+")
-        vol.write_zyx((int(sys.argv[3]), 0, 0), np.ones((4, 4, 4), np.uint16))
+        getattr(vol, what)((int(sys.argv[3]), 0, 0), np.ones((4, 4, 4), np.uint16))
     else:
         create_volume(container, "s0", (8, 8, 8), (4, 4, 4), "uint16")
 except OutputError as exc:
@@ -124,8 +125,9 @@ def test_chunk_writes_into_another_users_dataset_name_the_path_and_the_fix():
         protect(vol.path)
         script = tmp / "write.py"
         script.write_text(WRITE_AS_OTHER_USER)
-        for x0, folder in ((0, vol.path / "0" / "0"), (4, vol.path)):  # a chunk in an existing folder, a new folder
-            proc = run_as_other_user([script, tmp / "o.n5", "chunks", x0])
+        cases = [(0, vol.path / "0" / "0"), (4, vol.path)]  # a chunk in an existing folder, a new folder
+        for (x0, folder), method in itertools.product(cases, ("write_zyx", "write_chunk")):
+            proc = run_as_other_user([script, tmp / "o.n5", method, x0])
             assert proc.returncode == 3, proc.stderr
             message = proc.stdout.strip()
             assert message.startswith(f"cannot write chunks of {tmp / 'o.n5'}:/s0: {folder} is not writable by this user (uid ")
@@ -149,3 +151,23 @@ def test_create_volume_in_a_read_only_folder():
         assert proc.returncode == 3, proc.stderr
         assert f"{tmp / 'ro'} is not writable by this user (uid " in proc.stdout
         assert not (tmp / "ro" / "out.n5").exists()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "raw", "bzip2", "blosc"])
+@pytest.mark.parametrize("dtype", ["uint16", "uint8", "float32"])
+def test_write_chunk_encodes_n5_blocks_like_zarr(tmp_path, compression, dtype):
+    """Whole chunks written from a buffer the caller gives up read back the same, and an interior
+    block is byte-identical to zarr's own; edge blocks hold their clipped size, as Java N5 writes."""
+    data = (np.random.default_rng(1).random((20, 12, 7)) * 200).astype(dtype)  # x,y,z
+    ours = create_volume(tmp_path / "a.n5", "s0", data.shape, (8, 8, 4), dtype, compression=compression)
+    theirs = create_volume(tmp_path / "b.n5", "s0", data.shape, (8, 8, 4), dtype, compression=compression)
+    for box in [Box((x, y, z), (min(x + 8, 20), min(y + 8, 12), min(z + 4, 7))) for x in (0, 8, 16) for y in (0, 8) for z in (0, 4)]:
+        buffer = np.ascontiguousarray(data[box.slices()].transpose(2, 1, 0))
+        ours.write_chunk(box.start, buffer)
+        theirs.write_zyx(box.start, data[box.slices()].transpose(2, 1, 0))
+    np.testing.assert_array_equal(open_volume(tmp_path / "a.n5", "s0").read(ours.box), data)
+    assert (ours.path / "0" / "0" / "0").read_bytes() == (theirs.path / "0" / "0" / "0").read_bytes()
+    edge = (ours.path / "2" / "1" / "1").read_bytes()
+    assert [int.from_bytes(edge[4 + 4 * i : 8 + 4 * i], "big") for i in range(3)] == [4, 4, 3]
+    with pytest.raises(ValueError, match="is not a chunk of"):
+        ours.write_chunk((4, 0, 0), np.zeros((4, 8, 8), dtype))

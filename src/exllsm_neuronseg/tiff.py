@@ -54,9 +54,10 @@ DEFAULT_PATTERN = "*.tif"
 DEFAULT_CHUNKS: XYZ = (512, 512, 512)
 # Chunks in flight are limited so that their buffers fit in this many bytes (see COPIES_PER_CHUNK).
 DEFAULT_MEMORY_LIMIT = 1_500_000_000
-# Peak bytes per chunk in flight, in chunk sizes: the chunk read from the TIFFs, the big-endian copy
-# zarr's N5 codec makes, the compressed stream and its copy with the N5 block header.
-COPIES_PER_CHUNK = 4
+# Peak bytes of a chunk being encoded, in chunk sizes: the chunk read from the TIFFs (swapped to
+# big-endian in place, Volume.write_chunk) and its compressed stream (up to a little over the raw
+# size for incompressible data).
+COPIES_PER_CHUNK = 2.5
 ATTRIBUTE = "tiffToN5"  # the conversion record in the dataset's attributes.json
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")
 _SLICE_NAME = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)$")
@@ -502,8 +503,8 @@ def tiff_to_n5(
         compression, compression_level: an N5 compression name and level (:func:`codecs.compressor`).
         overwrite: replace a target dataset that is not this very conversion.
         threads: chunk reading/encoding threads (default: :func:`volume.default_io_threads`).
-        memory_limit: bytes for the chunks in flight (~``COPIES_PER_CHUNK`` chunk sizes each); at least
-            one chunk is always in flight.
+        memory_limit: bytes for the chunks in flight (``COPIES_PER_CHUNK`` chunk sizes for each one
+            being encoded, one for each read ahead); at least one chunk is always in flight.
         progress: called with (chunks done, chunks total) after each chunk; whatever it raises stops
             the conversion (the temporary dataset is removed).
 
@@ -617,7 +618,7 @@ def _convert(stack: TiffStack, volume: Volume, region: Box, boxes: list[Box], th
             while len(pending) + 1 > encoders + ahead:
                 harvest()
             data = read(box)
-            pending.add(writers.submit(volume.write_zyx, box.start, data))
+            pending.add(writers.submit(volume.write_chunk, box.start, data))
             del data  # only the write task holds the chunk now
         while pending:
             harvest()

@@ -182,6 +182,47 @@ class Volume:
                 raise
             raise OutputError(write_error_message(f"chunks of {self}", error, self.path)) from exc
 
+    def write_chunk(self, start: XYZ, data_zyx: np.ndarray) -> None:
+        """Write one whole chunk (``start`` on the chunk grid, data = the chunk clipped to the image)
+        from a buffer the caller gives up: in N5 its bytes are swapped to big-endian in place.
+
+        N5 chunks are encoded here without zarr's copies (zarr makes a big-endian copy of the chunk
+        and a second copy of the compressed stream with the block header), so a chunk in flight costs
+        its buffer plus the compressed stream; the block is written to a temporary file and renamed,
+        like zarr's own writes. The block header holds the clipped size, as Java N5 writes it. Other
+        containers, and buffers of another dtype or layout, go through :meth:`write_zyx`.
+        """
+        chunks, shape = self.chunks, self.shape
+        size = tuple(min(c, n - s) for s, c, n in zip(start, chunks, shape))
+        if any(s % c for s, c in zip(start, chunks)) or data_zyx.shape != size[::-1]:
+            raise ValueError(f"chunk at {format_xyz(start)} of shape {data_zyx.shape[::-1]} is not a chunk of {self}")
+        if not is_n5(self.container) or data_zyx.dtype != self.dtype or not data_zyx.flags.c_contiguous:
+            self.write_zyx(start, data_zyx)
+            return
+        import struct
+        import uuid
+
+        from numcodecs import get_codec
+
+        config = self.array.compressor.compressor_config  # zarr's N5 wrapper: None for raw
+        if data_zyx.dtype.byteorder == "<" or (data_zyx.dtype.byteorder == "=" and np.little_endian):
+            data_zyx.byteswap(inplace=True)
+            data_zyx = data_zyx.view(data_zyx.dtype.newbyteorder(">"))
+        payload = get_codec(config).encode(data_zyx) if config else memoryview(data_zyx).cast("B")
+        header = struct.pack(">HH3I", 0, 3, *size)
+        index = [str(s // c) for s, c in zip(start, chunks)]
+        path = self.path.joinpath(*index)  # N5 block path: x/y/z
+        temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as f:
+                f.write(header)
+                f.write(payload)
+            os.replace(temporary, path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise OutputError(write_error_message(f"chunks of {self}", exc, self.path)) from exc
+
     def write_chunked_zyx(self, box: Box, data_zyx: np.ndarray, executor: Executor | None = None) -> None:
         """Write ``data_zyx`` (the whole of ``box``) chunk by chunk, in parallel if possible."""
         pieces = list(split_by_chunks(box, self.chunks))
