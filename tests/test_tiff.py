@@ -102,6 +102,17 @@ def test_compressed_tiled_and_big_endian_input(image, tmp_path, kwargs):
         np.testing.assert_array_equal(xyz(result.volume), image.transpose(2, 1, 0))
 
 
+@pytest.mark.parametrize("memory_limit", [0, 10**9])
+def test_strips_decoded_once_for_a_row_of_chunks(image, tmp_path, memory_limit):
+    """Strips wider than a chunk: a row of chunks is read together when the memory allows (else one
+    chunk at a time); a subvolume cuts the rows; both give the same data."""
+    write_series(tmp_path / "s", image, compression="zlib", rowsperstrip=4)
+    result = tiff_to_n5(tmp_path / "s", tmp_path / "o.n5", "s0", (8, 8, 3), subvol="3,2,1,30,15,5", memory_limit=memory_limit)
+    expected = np.zeros((30, 21, 7), np.uint16)
+    expected[3:, 2:17, 1:6] = image.transpose(2, 1, 0)[3:, 2:17, 1:6]
+    np.testing.assert_array_equal(xyz(result.volume), expected)
+
+
 def test_imagej_hyperstack_with_one_image_directory(image, tmp_path):
     """ImageJ writes stacks over 4 GB with one IFD and the slices back to back; read them in place."""
     tifffile.imwrite(tmp_path / "big.tif", image, imagej=True, truncate=True)

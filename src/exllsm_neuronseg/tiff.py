@@ -109,6 +109,14 @@ class TiffStack:
     def read_zyx(self, box: Box, out: np.ndarray) -> None:
         """Read ``box`` (inside the stack) into the z,y,x array ``out``, slice by slice."""
         (x0, y0, z0), (x1, y1, z1) = box.start, box.end
+        self.read_columns(y0, y1, z0, z1, [(x0, x1, out)])
+
+    def read_columns(self, y0: int, y1: int, z0: int, z1: int, targets: Sequence[tuple[int, int, np.ndarray]]) -> None:
+        """Read rows ``[y0, y1)`` of slices ``[z0, z1)`` into several x ranges at once.
+
+        ``targets`` holds ``(x0, x1, out)`` with ``out`` a z,y,x array of shape
+        ``(z1 - z0, y1 - y0, x1 - x0)``. Each strip or tile is decoded once for all of them.
+        """
         handles: dict[int, object] = {}
         try:
             for z in range(z0, z1):
@@ -120,7 +128,7 @@ class TiffStack:
                         handles.clear()
                     handles[sl.file] = open(self.files[sl.file], "rb")  # noqa: SIM115 - closed below
                 try:
-                    self._read_rect(sl, handles[sl.file], y0, y1, x0, x1, out[z - z0])
+                    self._read_rows(sl, handles[sl.file], y0, y1, [(a, b, out[z - z0]) for a, b, out in targets])
                 except MemoryError:
                     raise
                 except Exception as exc:  # decoders of damaged data raise anything (zlib.error, ...)
@@ -129,7 +137,7 @@ class TiffStack:
             for h in handles.values():
                 h.close()  # type: ignore[attr-defined]
 
-    def _read_rect(self, sl: _Slice, fh, y0: int, y1: int, x0: int, x1: int, out: np.ndarray) -> None:
+    def _read_rows(self, sl: _Slice, fh, y0: int, y1: int, targets: list[tuple[int, int, np.ndarray]]) -> None:
         layout: _Layout = self.layouts[sl.layout]
         width = self.shape[0]
         if layout.decode is None:
@@ -138,13 +146,15 @@ class TiffStack:
                 fh, dtype=layout.dtype, mode="r", offset=int(sl.offsets[0]) + y0 * width * layout.dtype.itemsize,
                 shape=(y1 - y0, width),
             )
-            out[...] = rows[:, x0:x1]
+            for x0, x1, out in targets:
+                out[...] = rows[:, x0:x1]
             del rows
             return
         fd = fh.fileno()
         seg_rows, seg_cols = layout.segment
+        left_edge, right_edge = min(t[0] for t in targets), max(t[1] for t in targets)
         for r in range(y0 // seg_rows, (y1 - 1) // seg_rows + 1):
-            for c in range(x0 // seg_cols, (x1 - 1) // seg_cols + 1):
+            for c in range(left_edge // seg_cols, (right_edge - 1) // seg_cols + 1):
                 index = r * layout.across + c
                 count = int(sl.bytecounts[index])
                 data = os.pread(fd, count, int(sl.offsets[index])) if count else None
@@ -153,12 +163,16 @@ class TiffStack:
                 segment, _, shape = layout.decode(data, index, jpegtables=layout.jpegtables)
                 top, left = r * seg_rows, c * seg_cols
                 a0, a1 = max(y0, top), min(y1, top + shape[1])
-                b0, b1 = max(x0, left), min(x1, left + shape[2])
-                target = out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
-                if segment is None:  # an empty strip or tile: TIFF readers fill it with 0
-                    target[...] = 0
-                else:
-                    target[...] = segment.reshape(shape)[0, a0 - top : a1 - top, b0 - left : b1 - left, 0]
+                plane = None if segment is None else segment.reshape(shape)[0, :, :, 0]
+                for x0, x1, out in targets:
+                    b0, b1 = max(x0, left), min(x1, left + shape[2])
+                    if b0 >= b1:
+                        continue
+                    target = out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
+                    if plane is None:  # an empty strip or tile: TIFF readers fill it with 0
+                        target[...] = 0
+                    else:
+                        target[...] = plane[a0 - top : a1 - top, b0 - left : b1 - left]
 
 
 @dataclass
@@ -572,34 +586,57 @@ def tiff_to_n5(
     )
 
 
+def _group_size(stack: TiffStack, chunks: XYZ, chunk_bytes: int, memory_limit: int) -> int:
+    """Chunks of one row read together: strips (or tiles) wider than a chunk are then decoded once
+    for the group instead of once per chunk, if the memory allows the group next to one encoding."""
+    wide = any(lay.decode is not None and lay.segment[1] > chunks[0] for lay in stack.layouts.values())
+    across = -(-stack.shape[0] // chunks[0])
+    if not wide:
+        return 1
+    return max(1, min(across, int((memory_limit - COPIES_PER_CHUNK * chunk_bytes) // chunk_bytes)))
+
+
 def _convert(stack: TiffStack, volume: Volume, region: Box, boxes: list[Box], threads, memory_limit, progress) -> None:
-    """Read chunk after chunk (its z slices split over the reading threads) while earlier chunks
-    are encoded and written by others; the chunks alive at once fit ``memory_limit``."""
+    """Read chunks (a row of them together where strips span them; z slices split over the reading
+    threads) while earlier chunks are encoded and written by others; what is alive fits ``memory_limit``."""
     chunk_bytes = math.prod(volume.chunks) * stack.dtype.itemsize
     threads = threads or default_io_threads()
-    # an encoding chunk costs COPIES_PER_CHUNK chunk sizes, a chunk read ahead for a free encoder one
-    encoders = max(1, min(threads, int(memory_limit // (COPIES_PER_CHUNK * chunk_bytes))))
-    ahead = max(0, min(encoders, int((memory_limit - encoders * COPIES_PER_CHUNK * chunk_bytes) // chunk_bytes)))
-    if encoders < threads:
+    group = _group_size(stack, volume.chunks, chunk_bytes, memory_limit)
+    rows: list[list[Box]] = []
+    for box in boxes:  # storage order: the chunks of a row are consecutive
+        if rows and rows[-1][-1].start[1:] == box.start[1:]:
+            rows[-1].append(box)
+        else:
+            rows.append([box])
+    groups: list[list[Box]] = []
+    for row in rows:  # as few groups per row as the size allows, of even sizes
+        size = -(-len(row) // -(-len(row) // group))
+        groups += [row[k : k + size] for k in range(0, len(row), size)]
+    encoding_bytes = COPIES_PER_CHUNK * chunk_bytes
+    if encoding_bytes * min(threads, len(boxes)) + chunk_bytes > memory_limit:
         log.info(
-            "%d chunk(s) encoding at a time and %d read ahead: %d MB chunks, memory limit %d MB",
-            encoders, ahead, chunk_bytes // 10**6, memory_limit // 10**6,
+            "%d MB chunks, read %d at a time: the memory limit of %d MB bounds the chunks in flight",
+            chunk_bytes // 10**6, group, memory_limit // 10**6,
         )
-    readers, writers = io_executor(threads), io_executor(encoders)
+    readers, writers = io_executor(threads), io_executor(threads)
 
-    def read(box: Box) -> np.ndarray:
-        part = box.intersect(region)
-        data = np.zeros(box.shape[::-1], stack.dtype) if part != box else np.empty(box.shape[::-1], stack.dtype)
-        target = data[part.slices(box.start)[::-1]]
-        (x0, y0, z0), (x1, y1, z1) = part.start, part.end
+    def read(boxes: list[Box]) -> list[np.ndarray]:
+        buffers, targets = [], []
+        for box in boxes:
+            part = box.intersect(region)
+            data = np.zeros(box.shape[::-1], stack.dtype) if part != box else np.empty(box.shape[::-1], stack.dtype)
+            buffers.append(data)
+            targets.append((part.start[0], part.end[0], data[part.slices(box.start)[::-1]]))
+        part = boxes[0].intersect(region)
+        (y0, z0), (y1, z1) = part.start[1:], part.end[1:]
         cuts = sorted({int(c) for c in np.linspace(z0, z1, min(threads, z1 - z0) + 1)})
         slabs = [
-            readers.submit(stack.read_zyx, Box((x0, y0, a), (x1, y1, b)), target[a - z0 : b - z0])
+            readers.submit(stack.read_columns, y0, y1, a, b, [(x0, x1, out[a - z0 : b - z0]) for x0, x1, out in targets])
             for a, b in itertools.pairwise(cuts)
         ]
         for f in slabs:
             f.result()
-        return data
+        return buffers
 
     pending: set[Future] = set()
     done = 0
@@ -614,12 +651,18 @@ def _convert(stack: TiffStack, volume: Volume, region: Box, boxes: list[Box], th
                 progress(done, len(boxes))
 
     try:
-        for box in boxes:
-            while len(pending) + 1 > encoders + ahead:
+        for members in groups:
+            while pending and len(pending) * encoding_bytes + len(members) * chunk_bytes > memory_limit:
                 harvest()
-            data = read(box)
-            pending.add(writers.submit(volume.write_chunk, box.start, data))
-            del data  # only the write task holds the chunk now
+            buffers = read(members)
+            for k, box in enumerate(members):
+                waiting = (len(members) - k - 1) * chunk_bytes  # read, not yet handed to an encoder
+                while pending and (
+                    len(pending) >= threads or (len(pending) + 1) * encoding_bytes + waiting > memory_limit
+                ):
+                    harvest()
+                pending.add(writers.submit(volume.write_chunk, box.start, buffers[k]))
+                buffers[k] = None  # only the write task holds the chunk now
         while pending:
             harvest()
     finally:
