@@ -196,7 +196,9 @@ def test_dockerfiles_match_the_modules():
         # --no-deps (pip check passes in the image)
         runs = [args for instruction, args in steps if instruction == "RUN"]
         extras = ",".join(stage_extras(stage))
-        install = f'pip install --no-cache-dir -c /tmp/exllsm-neuronseg/constraints.txt "/tmp/exllsm-neuronseg[{extras}]"'
+        install = (
+            f'pip install --no-cache-dir -c /tmp/exllsm-neuronseg/constraints.txt "/tmp/exllsm-neuronseg[{extras}]"'
+        )
         assert sum(install in r for r in runs) == 2, f"{stage}: dependencies, then the library, with {install}"
         assert "--no-deps" not in text, stage
         reqs = top_level(stage)
@@ -209,11 +211,15 @@ def test_dockerfiles_match_the_modules():
         # the module's conda environment lists pip packages of its image, pinned the same
         env_yml = (modules()[name].path.parent / "environment.yml").read_text()
         listed = re.findall(r"^\s+- (\S+==\S+)\s*$", env_yml, re.MULTILINE)
-        assert set(listed) <= set(reqs), f"{name}: environment.yml pins outside its image's set: {set(listed) - set(reqs)}"
+        assert set(listed) <= set(reqs), (
+            f"{name}: environment.yml pins outside its image's set: {set(listed) - set(reqs)}"
+        )
         conda_sets.setdefault(stage, set()).update(listed)
     # and together the modules of an image list all of it
     for stage, listed in conda_sets.items():
-        assert listed == set(top_level(stage)), f"{stage}: no module's environment.yml lists {set(top_level(stage)) - listed}"
+        assert listed == set(top_level(stage)), (
+            f"{stage}: no module's environment.yml lists {set(top_level(stage)) - listed}"
+        )
     entry = CONTAINERS / "segment_volume" / "Dockerfile"
     assert "COPY containers/segment_volume/entrypoint.sh /entrypoint.sh" in entry.read_text()
     assert os.access(CONTAINERS / "segment_volume" / "entrypoint.sh", os.X_OK)
@@ -247,7 +253,9 @@ def _venv(stage: str, root: Path) -> Path:
     extras = ",".join("tf" if extra == "tf-gpu" else extra for extra in stage_extras(stage))
     pip = [str(python), "-m", "pip", *PIP_QUIET]
     constraints_file = str(CONTAINERS / "constraints.txt")
-    proc = subprocess.run([*pip, "install", "-c", constraints_file, f"{source}[{extras}]"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*pip, "install", "-c", constraints_file, f"{source}[{extras}]"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, f"{stage}: .[{extras}] does not install:\n{proc.stderr[-3000:]}"
     proc = subprocess.run([str(python), "-m", "pip", "check"], capture_output=True, text=True)
     assert proc.returncode == 0, f"{stage}: pip check:\n{proc.stdout}{proc.stderr}"
