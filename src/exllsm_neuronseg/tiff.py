@@ -481,10 +481,10 @@ def _existing_record(container: str, dataset: str) -> tuple[bool, dict | None]:
 def _replace(container: str, temporary: str, dataset: str) -> None:
     """Rename the finished temporary dataset to the target path (replacing what is there)."""
     src, dst = Path(container) / temporary, Path(container) / dataset
+    old = dst.with_name(f".{dst.name}.tiff_to_n5.replaced")
+    if old.exists():  # left by a conversion killed between the two renames
+        shutil.rmtree(old)
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.tiff_to_n5.replaced")
-        if old.exists():
-            shutil.rmtree(old)
         os.rename(dst, old)
         os.rename(src, dst)
         shutil.rmtree(old)
