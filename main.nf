@@ -31,7 +31,7 @@ workflow {
 
     if (params.workflow == 'segmentation') {
         if (!params.neuron_stack_dir || !params.output_dir) {
-            error("set --neuron_stack_dir (input N5 container) and --output_dir (output N5 container), or run -profile test")
+            error("set --neuron_stack_dir (input N5 container, TIFF folder or multi-page TIFF) and --output_dir (output N5 container), or run -profile test")
         }
         def input_n5 = "${file(params.neuron_stack_dir)}"
         def output_n5 = "${file(params.output_dir)}"

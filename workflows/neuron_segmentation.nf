@@ -1,3 +1,4 @@
+include { TIFF_TO_N5          } from '../modules/local/tiff_to_n5'
 include { NEURON_SEGMENTATION } from '../subworkflows/local/neuron_segmentation'
 
 /*
@@ -8,8 +9,10 @@ include { NEURON_SEGMENTATION } from '../subworkflows/local/neuron_segmentation'
  *
  * Same inputs, output and params as the host's own workflow: `in` and `out` are Lists or channels
  * of Lists, paired by position; `done` emits [n5_in_dir, n5_in_dataset, out_dir, out_dataset]
- * (the strings as given) once per volume, after all of that volume's blocks are written. Inputs
- * must already be N5 (or zarr) datasets.
+ * (the strings as given) once per volume, after all of that volume's blocks are written. An input
+ * that is not an N5 (or zarr) dataset is a TIFF series (a folder of slices, or one multi-page
+ * TIFF), converted first into <out_dir><unsegmented_dataset>, as the host does; `done` then names
+ * that dataset as the input.
  */
 workflow neuron_segmentation {
 
@@ -18,15 +21,33 @@ workflow neuron_segmentation {
     out  // [ output_dir, output_dataset, unsegmented_dataset ]: a List, or a channel of Lists
 
     main:
+    if (!nextflow.version.matches(minimumNextflow())) {
+        error("Nextflow ${nextflow.version} is too old for the neuron segmentation modules: they need ${minimumNextflow()} (topic channels)")
+    }
     if (!params.neuron_model) {
         error("neuron_model is not set: give the U-Net model file (.h5) or its URL")
     }
-    def ch_volumes = indexed(in)
+    def ch_requests = indexed(in)
         .join(indexed(out))
-        .map { index, input, output ->
-            def meta = hostVolume(index, input, output)
-            [meta, "${file(meta.host[0])}", meta.host[1], "${file(meta.host[2])}", meta.host[3]]
+        .map { index, input, output -> hostVolume(index, input, output) }
+        .branch { meta ->
+            tiff: meta.tiff != ''
+            n5: true
         }
+
+    //
+    // TIFF input: converted to N5 inside the output container first (the host's tiff_to_n5 step)
+    //
+    TIFF_TO_N5(
+        ch_requests.tiff.map { meta -> [meta, meta.tiff, "${file(meta.host[0])}", meta.host[1]] },
+        tiffArgs(),
+        hostResources('tiff2n5_cpus', 4, 'tiff2n5_memory', '8 GB', ''),
+    )
+    def ch_converted = TIFF_TO_N5.out.volume.map { meta, n5, dataset -> [meta, n5, dataset] }
+    def ch_n5 = ch_requests.n5.map { meta -> [meta, "${file(meta.host[0])}", meta.host[1]] }
+
+    def ch_volumes = ch_n5.mix(ch_converted)
+        .map { meta, in_n5, in_ds -> [meta, in_n5, in_ds, "${file(meta.host[2])}", meta.host[3]] }
 
     NEURON_SEGMENTATION(ch_volumes, channel.value(file(params.neuron_model)), hostOptions())
 
@@ -49,6 +70,10 @@ def hostOptions() {
         scaling_plots_dir         : hostParam('neuron_scaling_plots_dir', '') ? "${file(hostParam('neuron_scaling_plots_dir', ''))}" : '',
         user_defined_scaling      : hostParam('user_defined_scaling', ''),
         binary                    : hostParam('neuron_mask_as_binary', false),
+        compression               : hostParam('n5_compression', 'gzip'),
+        overwrite                 : hostParam('overwrite_output', false),
+        segmentation_resources    : hostResources('neuron_segmentation_cpus', 4, 'neuron_segmentation_memory', '24 GB', hostContainer()),
+        scaling_resources         : hostResources('neuron_scaling_cpus', 1, 'neuron_scaling_memory', '4 GB', hostContainer()),
         segmentation_args         : [
             "--model_input_shape ${hostParam('neuron_seg_model_in_dims', 'auto')}",
             "--model_output_shape ${hostParam('neuron_seg_model_out_dims', 'auto')}",
@@ -62,6 +87,43 @@ def hostOptions() {
             "--small_region_size_threshold ${hostParam('neuron_seg_small_region_size_th', 1000)}",
         ].findAll { arg -> arg != '' }.join(' '),
     ]
+}
+
+// The oldest Nextflow that runs these modules: topic channels (the `versions` outputs) are
+// generally available from 25.04. The host's v1-parser code (addParams) runs on 25.04 to 25.10 as
+// it is, and on 26.04 or later with NXF_SYNTAX_PARSER=v1 (docs/nextflow.md). Also in the manifest.
+def minimumNextflow() {
+    return '>=25.04.0'
+}
+
+// tiff_to_n5.py flags from the host's params: slice pattern, chunk size, region, codec.
+def tiffArgs() {
+    def pattern = hostParam('input_imgname_pattern', '*.tif')
+    def region = hostParam('partial_volume', '')
+    return [
+        "--input_name_pattern '${pattern}'",
+        "--chunks ${hostParam('block_size', '512,512,512')}",
+        region ? "--subvol ${region}" : '',
+        "--compression ${hostParam('n5_compression', 'gzip')}",
+        hostParam('overwrite_output', false) ? '--overwrite' : '',
+    ].findAll { arg -> arg != '' }.join(' ')
+}
+
+// [cpus, memory, container] of a stage from the host's resource params.
+def hostResources(String cpusParam, int cpus, String memoryParam, String memory, String container) {
+    return [cpus: hostParam(cpusParam, cpus) as int, memory: "${hostParam(memoryParam, memory)}", container: container]
+}
+
+// The image of the segmentation and scaling stages: exm_neuron_segmentation_container when set.
+// The host fills it in with the original tool's image (neuron-segmentation:1.0.0) when the user
+// leaves it empty; that image has none of these stages' scripts, so it means "not set" here.
+def hostContainer() {
+    def image = "${hostParam('exm_neuron_segmentation_container', '')}"
+    if (image ==~ /.*\/neuron-segmentation:1\.0\.0$/) {
+        log.warn("exm_neuron_segmentation_container ${image} is the original tool's image, which cannot run these stages: using the pinned exllsm images")
+        return ''
+    }
+    return image
 }
 
 // A host param, or its default in the host pipeline when the param is absent or empty.
@@ -79,19 +141,33 @@ def numbered(items) {
     return items.toList().flatMap { all -> (0..<all.size()).collect { index -> [index, all[index]] } }
 }
 
-// The meta map of one host request; meta.host keeps the request's strings for `done`.
+// The meta map of one host request: meta.host keeps the strings `done` emits; meta.tiff is the
+// TIFF input to convert ('' for an N5 or zarr input).
 def hostVolume(index, List input, List output) {
     def inDir = input[0]
     def inDataset = input[1] ?: ''
     def outDir = output[0]
     def outDataset = output[1]
-    // The host's rule: an input with <dir>/<dataset>/attributes.json is N5, anything else is a TIFF series
-    if (!file("${inDir}/${inDataset}/attributes.json").exists()) {
-        error("${inDir}/${inDataset} is not an N5 dataset (no attributes.json): convert TIFF input to N5 first, e.g. with the host's tiff_to_n5 step")
-    }
     def name = "${file(outDir).baseName}${outDataset}".replaceAll('[^A-Za-z0-9_.-]+', '_')
-    return [
-        id  : index ? [name, "${index}"].join('-') : name,
-        host: [inDir, inDataset, outDir, outDataset],
-    ]
+    def id = index ? [name, "${index}"].join('-') : name
+    def source = file("${inDir}/${inDataset}")
+    if (isDataset(source)) {
+        return [id: id, tiff: '', host: [inDir, inDataset, outDir, outDataset]]
+    }
+    if (source.resolve('attributes.json').exists()) {
+        error("${source} is an N5 container or group, not a dataset (its attributes.json has no dimensions): set the input dataset, e.g. --neuron_input_dataset /c1/s0")
+    }
+    if (!source.exists()) {
+        error("${source} does not exist: neuron_stack_dir/neuron_input_dataset must be an N5 or zarr dataset, a folder of TIFF slices or a multi-page TIFF")
+    }
+    // The host's rule: anything that is not an N5 dataset is a TIFF series, converted into
+    // <output_dir><unsegmented_dataset> (default_n5_dataset when that is empty)
+    def rawDataset = output.size() > 2 && output[2] ? output[2] : hostParam('default_n5_dataset', 's0')
+    return [id: id, tiff: "${source}", host: [outDir, rawDataset, outDir, outDataset]]
+}
+
+// Whether a directory holds an N5 dataset (attributes.json with dimensions) or a zarr array.
+def isDataset(Path dir) {
+    def n5 = dir.resolve('attributes.json')
+    return dir.resolve('.zarray').exists() || (n5.exists() && n5.text.contains('"dimensions"'))
 }

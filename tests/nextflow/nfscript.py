@@ -6,9 +6,9 @@
   sections rendered with given input values and ``task`` (exactly Nextflow's GString rules),
   ``containerOptions`` expressions, and the subworkflow's and facade's planning functions.
 
-Only what Nextflow itself provides is emulated: ``file()``, ``error()``, ``params``, ``workflow``,
-``task`` and the ``Path`` methods the code calls (``exists``, ``getText``, ``getBaseName``,
-``mkdirs``).
+Only what Nextflow itself provides is emulated: ``file()``, ``error()``, ``log.warn``, ``params``,
+``workflow``, ``task`` and the ``Path`` methods the code calls (``exists``, ``getText``,
+``getBaseName``, ``mkdirs``).
 """
 
 from __future__ import annotations
@@ -180,6 +180,8 @@ java.nio.file.Path.metaClass.getBaseName = { ->
 
 def file(p) { java.nio.file.Paths.get(p.toString()).toAbsolutePath().normalize() }
 def error(String message) { throw new IllegalStateException(message) }
+// Nextflow's `log`: warnings go to stderr, where the tests can read them
+binding.setVariable('log', [warn: { String message -> System.err.println("WARN: " + message) }])
 """
 
 
@@ -222,6 +224,17 @@ class Groovy:
         ]
         script, stub, options = self.evaluate(jobs)
         return {"script": script, "stub": stub, "containerOptions": options}
+
+    def render_directives(self, process: Process, inputs: dict, task: dict, names: list[str]) -> dict:
+        """Directives (``cpus``, ``memory``, ``container``, ...) evaluated with these input values: a
+        closure is called, a GString rendered, as Nextflow does for dynamic directives."""
+        binding = {**inputs, "task": task, "workflow": {"containerEngine": "docker"}, "moduleDir": str(process.path.parent)}
+        jobs = []
+        for name in names:
+            value = process.directive(name)
+            assert value is not None, f"{process.name} has no {name} directive"
+            jobs.append((binding, process.functions, f"def __v = {value}\nreturn __v instanceof Closure ? __v() : __v.toString()"))
+        return dict(zip(names, self.evaluate(jobs)))
 
     def render_tasks(self, tasks: list[tuple[Process, dict, dict]], engine: str = "docker") -> list[dict]:
         """Many tasks of any processes in one JVM: each (process, inputs, task) gives its script, stub,

@@ -124,7 +124,7 @@ def module_images() -> dict[str, str]:
     """Process name -> the default image of its container directive."""
     found = {}
     for name, process in modules().items():
-        m = re.search(r"task\.ext\.container \?: '([^']+)'", process.directive("container") or "")
+        m = re.search(r"task\.ext\.container \?:.*?'([^']+)'", process.directive("container") or "")
         assert m, f"{name}: no pinned default image"
         found[name] = m.group(1)
     return found

@@ -45,6 +45,18 @@ TEST_PARAMS = {
     "unsegmented_dataset": "/raw/s0",
     "neuron_model": str(MODEL),
     "volume_partition_size": 64,
+    "block_size": "512,512,512",
+    "n5_compression": "gzip",
+    "input_imgname_pattern": "",
+    "default_n5_dataset": "s0",
+    "overwrite_output": False,
+    "neuron_segmentation_cpus": 4,
+    "neuron_segmentation_memory": "24 GB",
+    "neuron_scaling_cpus": 1,
+    "neuron_scaling_memory": "4 GB",
+    "tiff2n5_cpus": 4,
+    "tiff2n5_memory": "8 GB",
+    "exm_neuron_segmentation_container": "",
     "neuron_segmentation_partition_size": "",
     "partial_volume": "",
     "neuron_scaling_tiles": 0,
@@ -161,7 +173,10 @@ def topological_levels(edges: set[tuple[str, str]], nodes: set[str]) -> list[set
     return levels
 
 
-def test_synthetic_run_in_dag_order(analysis, tmp_path):
+@pytest.mark.parametrize("source", ["n5", "tiff"])
+def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
+    """The whole chain on an N5 input, and on a TIFF series (converted first, with a partial volume
+    that ends inside a chunk, so a block is clipped to the region)."""
     if not MODEL.is_file():
         pytest.fail(f"the published model is required at {MODEL}")
     procs = modules()
@@ -171,15 +186,23 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     params = {**TEST_PARAMS, "neuron_stack_dir": str(data / "input.n5"), "output_dir": str(data / "seg.n5")}
+    if source == "tiff":
+        params["partial_volume"] = "0,0,0,80,64,64"
 
-    # The DAG order, from the language server's previews of main.nf and the subworkflow
-    main_dag, sub_dag = analysis.dags["main"], analysis.dags["subworkflow"]
+    # The DAG order, from the language server's previews of main.nf, the facade and the subworkflow
+    main_dag, facade_dag, sub_dag = analysis.dags["main"], analysis.dags["facade"], analysis.dags["subworkflow"]
     assert topological_levels(main_dag.edges, {"MAKE_TEST_VOLUME", "neuron_segmentation"}) == [
         {"MAKE_TEST_VOLUME"},
         {"neuron_segmentation"},
     ]
-    assert topological_levels(sub_dag.edges, {"SCALING_FACTOR", "CREATE_VOLUME", "SEGMENT_VOLUME"}) == [
-        {"SCALING_FACTOR", "CREATE_VOLUME"},
+    assert topological_levels(facade_dag.edges, {"TIFF_TO_N5", "NEURON_SEGMENTATION"}) == [
+        {"TIFF_TO_N5"},
+        {"NEURON_SEGMENTATION"},
+    ]
+    stages = {"PLAN_BLOCKS", "SCALING_FACTOR", "CREATE_VOLUME", "SEGMENT_VOLUME"}
+    assert topological_levels(sub_dag.edges, stages) == [
+        {"PLAN_BLOCKS", "CREATE_VOLUME"},
+        {"SCALING_FACTOR"},
         {"SEGMENT_VOLUME"},
     ]
 
@@ -201,76 +224,138 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path):
     work = runner.run(make, make_rendered["script"])
     made = check_outputs(runner, make, work, make_inputs)["volume"]
     assert (Path(made[1]) / "c1/s0/attributes.json").is_file()
+    image = open_volume(made[1], made[2]).read_zyx(open_volume(made[1], made[2]).box)  # z,y,x
+    request = [made[1], made[2]]
+    if source == "tiff":
+        # the same image as a TIFF series, one slice per z, named by an integer stem
+        import tifffile
 
-    # -- Planning: the facade's and the subworkflow's own functions ------------------------------
+        folder = data / "slices"
+        folder.mkdir()
+        for z, plane in enumerate(image):
+            tifffile.imwrite(folder / f"{z}.tif", plane)
+        request = [str(folder), ""]
+
+    # -- The facade's and the subworkflow's own functions -----------------------------------------
     plan_code = """
-        def options = hostOptions()
-        def opts = segmentationOptions(options)
         def meta = hostVolume(0, [in_dir, in_ds], [out_dir, out_ds, unsegmented])
-        def geometry = datasetGeometry(file(in_dir).toString(), in_ds)
-        def region = processedRegion(geometry.dims, opts.partial_volume)
-        checkAlignment(meta.id, region, geometry.chunks, opts.partition_size)
-        return [opts: opts, meta: meta, geometry: geometry, plan: scalingPlan(geometry.dims, opts),
-                blocks: partitionVolume(geometry.dims, opts.partial_volume, opts.partition_size, geometry.chunks)]
+        return [meta: meta, options: hostOptions(), tiff: tiffArgs(),
+                tiff_resources: hostResources('tiff2n5_cpus', 4, 'tiff2n5_memory', '8 GB', '')]
     """
     binding = {
         "params": params,
-        "in_dir": made[1],
-        "in_ds": made[2],
+        "in_dir": request[0],
+        "in_ds": request[1],
         "out_dir": params["output_dir"],
         "out_ds": params["neuron_output_dataset"],
         "unsegmented": params["unsegmented_dataset"],
     }
-    (planned,) = groovy.evaluate([(binding, FUNCTIONS, plan_code)])
-    meta, opts, geometry = planned["meta"], planned["opts"], planned["geometry"]
-    assert meta == {"id": "seg_segmented_s0", "host": [made[1], "/c1/s0", params["output_dir"], "/segmented/s0"]}
-    assert geometry == {"dims": [96, 64, 64], "chunks": [64, 64, 64]}
-    assert opts["partition_size"] == [64, 64, 64]
+    (facade,) = groovy.evaluate([(binding, section_functions(FACADE), plan_code)])
+    meta = facade["meta"]
+    (sub,) = groovy.evaluate(
+        [
+            (
+                {"options": facade["options"]},
+                section_functions(SUBWORKFLOW),
+                "def o = segmentationOptions(options); [opts: o, plan: planArgs(o), create: createArgs(o), segment: segmentArgs(o)]",
+            )
+        ]
+    )
+    opts = sub["opts"]
     assert "--set_gpu_mem_growth" not in opts["segmentation_args"]
     assert opts["segmentation_args"].startswith("--model_input_shape 220,220,220 --model_output_shape 132,132,132")
-    jobs, blocks = planned["plan"]["jobs"], planned["blocks"]
-    # 12 tiles of 32^3, half of them sampled, 4 per job: job edge 32 * cbrt(4 / 0.5) = 64
-    assert planned["plan"]["fraction"] == 0.5
-    assert [(j["start"], j["end"]) for j in jobs] == [("0,0,0", "64,64,64"), ("64,0,0", "96,64,64")]
-    assert [(b["start"], b["end"], b["unaligned"]) for b in blocks] == [
-        ("0,0,0", "64,64,64", False),
-        ("64,0,0", "96,64,64", False),
-    ]
-    in_n5, in_ds, out_n5, out_ds = made[1], made[2], params["output_dir"], params["neuron_output_dataset"]
-    volume_meta = {**meta, "dims": geometry["dims"], "chunks": geometry["chunks"]}
+    out_n5, out_ds = params["output_dir"], params["neuron_output_dataset"]
 
-    # -- SCALING_FACTOR (parallel jobs) and CREATE_VOLUME -----------------------------------------
-    scaling_proc, create = procs["SCALING_FACTOR"], procs["CREATE_VOLUME"]
+    # -- TIFF_TO_N5 (facade): the TIFF series becomes <output_dir>/raw/s0 -------------------------
+    if source == "tiff":
+        assert meta == {
+            "id": "seg_segmented_s0",
+            "tiff": str(data / "slices"),
+            "host": [out_n5, "/raw/s0", out_n5, "/segmented/s0"],
+        }
+        convert = procs["TIFF_TO_N5"]
+        convert_inputs = {
+            "meta": meta,
+            "tiff_dir": meta["tiff"],
+            "out_n5": out_n5,
+            "out_ds": "/raw/s0",
+            "options": facade["tiff"],
+            "resources": facade["tiff_resources"],
+        }
+        (convert_rendered,) = groovy.render_many(convert, [(convert_inputs, task(convert.name))])
+        check_mounts(convert_rendered, [meta["tiff"], str(data)])
+        work = runner.run(convert, convert_rendered["script"])
+        converted = check_outputs(runner, convert, work, convert_inputs)["volume"]
+        in_n5, in_ds = converted[1], converted[2]
+        raw = open_volume(in_n5, in_ds)
+        assert raw.shape == (96, 64, 64) and raw.chunks == (512, 512, 512) and raw.dtype == image.dtype
+        # the region is converted bit for bit; the rest stays empty (the host's --subvol)
+        np.testing.assert_array_equal(raw.read_zyx(raw.box)[:, :, :80], image[:, :, :80])
+        assert not raw.read_zyx(raw.box)[:, :, 80:].any()
+        assert convert.directive("cpus") and "resources.cpus" in convert.directive("cpus")
+    else:
+        assert meta == {"id": "seg_segmented_s0", "tiff": "", "host": [made[1], "/c1/s0", out_n5, "/segmented/s0"]}
+        in_n5, in_ds = made[1], made[2]
+
+    # -- PLAN_BLOCKS and CREATE_VOLUME ------------------------------------------------------------
+    plan_proc, create = procs["PLAN_BLOCKS"], procs["CREATE_VOLUME"]
+    plan_inputs = {"meta": meta, "n5": in_n5, "dataset": in_ds, "options": sub["plan"]}
+    create_inputs = {"meta": meta, "in_n5": in_n5, "in_ds": in_ds, "out_n5": out_n5, "out_ds": out_ds, "options": sub["create"]}
+    (plan_rendered,) = groovy.render_many(plan_proc, [(plan_inputs, task(plan_proc.name))])
+    (create_rendered,) = groovy.render_many(create, [(create_inputs, task(create.name))])
+    check_mounts(plan_rendered, [in_n5])
+    check_mounts(create_rendered, [in_n5, str(Path(out_n5).parent)])
+    plan_work = runner.run(plan_proc, plan_rendered["script"])
+    create_work = runner.run(create, create_rendered["script"])
+    planned = check_outputs(runner, plan_proc, plan_work, plan_inputs)["plan"]
+    created = check_outputs(runner, create, create_work, create_inputs)["volume"]
+    (lines,) = groovy.evaluate(
+        [
+            (
+                {"blocks": Path(planned[1]).read_text(), "jobs": Path(planned[2]).read_text()},
+                section_functions(SUBWORKFLOW),
+                "[planLines(blocks), planLines(jobs)]",
+            )
+        ]
+    )
+    blocks, jobs = lines
+    attrs = json.loads((Path(out_n5) / "segmented/s0/attributes.json").read_text())
+    source_attrs = json.loads((Path(in_n5) / in_ds.strip("/") / "attributes.json").read_text())
+    assert attrs["dimensions"] == source_attrs["dimensions"] and attrs["blockSize"] == source_attrs["blockSize"]
+    assert attrs["dataType"] == "float32" and attrs["compression"]["type"] == "gzip"
+    assert created[3] == out_n5
+    if source == "tiff":
+        # 512^3 chunks (block_size), 64^3 partition rounded up to them; the region ends at x = 80
+        assert blocks == [{"start": "0,0,0", "end": "80,64,64", "fraction": ""}]
+        # 12 x 32^3 sampling tiles over the region 80,64,64 (3 x 2 x 2), half sampled, 4 per job
+        assert [(j["start"], j["end"]) for j in jobs] == [("0,0,0", "64,64,64"), ("64,0,0", "80,64,64")]
+    else:
+        assert [(b["start"], b["end"]) for b in blocks] == [("0,0,0", "64,64,64"), ("64,0,0", "96,64,64")]
+        # 12 tiles of 32^3, half of them sampled, 4 per job: job edge 32 * cbrt(4 / 0.5) = 64
+        assert [(j["start"], j["end"]) for j in jobs] == [("0,0,0", "64,64,64"), ("64,0,0", "96,64,64")]
+    assert {j["fraction"] for j in jobs} == {"0.5"}
+
+    # -- SCALING_FACTOR (parallel jobs) -----------------------------------------------------------
+    scaling_proc = procs["SCALING_FACTOR"]
     scaling_inputs = [
         {
-            "meta": {**volume_meta, "job": {"index": job["index"], "count": len(jobs)}},
+            "meta": {**meta, "job": {"index": index, "count": len(jobs)}},
             "n5": in_n5,
             "dataset": in_ds,
             "start": job["start"],
             "end": job["end"],
-            "fraction": planned["plan"]["fraction"],
-            "partition_size": ",".join(map(str, opts["scaling_partition_size"])),
+            "fraction": job["fraction"],
+            "partition_size": "32,32,32",
             "plots_dir": opts["scaling_plots_dir"],
+            "resources": opts["scaling_resources"],
         }
-        for job in jobs
+        for index, job in enumerate(jobs)
     ]
-    create_inputs = {
-        "meta": volume_meta,
-        "in_n5": in_n5,
-        "in_ds": in_ds,
-        "out_n5": out_n5,
-        "out_ds": out_ds,
-        "dtype": "uint8" if opts["binary"] else "float32",
-    }
     scaling_rendered = groovy.render_many(scaling_proc, [(i, task(scaling_proc.name)) for i in scaling_inputs])
-    (create_rendered,) = groovy.render_many(create, [(create_inputs, task(create.name))])
     for rendered in scaling_rendered:
         check_mounts(rendered, [in_n5])
-    check_mounts(create_rendered, [in_n5, str(Path(out_n5).parent)])
-
-    with ThreadPoolExecutor(len(jobs) + 1) as pool:
+    with ThreadPoolExecutor(len(jobs)) as pool:
         scaling_works = list(pool.map(lambda r: runner.run(scaling_proc, r["script"]), scaling_rendered))
-        create_work = runner.run(create, create_rendered["script"])
     factors = []
     for work, inputs in zip(scaling_works, scaling_inputs):
         outputs = check_outputs(runner, scaling_proc, work, inputs)
@@ -278,12 +363,6 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path):
         assert value == "null" or value == "nan" or float(value) > 0, value
         assert (work / "scaling.log").read_text().splitlines()[-1].startswith("Calculated a scaling factor of ")
         factors.append(value)
-    created = check_outputs(runner, create, create_work, create_inputs)["volume"]
-    attrs = json.loads((Path(out_n5) / "segmented/s0/attributes.json").read_text())
-    source_attrs = json.loads((Path(in_n5) / "c1/s0/attributes.json").read_text())
-    assert attrs["dimensions"] == source_attrs["dimensions"] and attrs["blockSize"] == source_attrs["blockSize"]
-    assert attrs["dataType"] == "float32" and attrs["compression"]["type"] == "gzip"
-    assert created[3] == out_n5
 
     # -- SEGMENT_VOLUME, one task per block ------------------------------------------------------
     segment = procs["SEGMENT_VOLUME"]
@@ -292,11 +371,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path):
     assert scaling and float(scaling) == pytest.approx(sum(valid) / len(valid))
     block_inputs = [
         {
-            "meta": {
-                **volume_meta,
-                "scaling": scaling,
-                "block": {"index": b["index"], "count": len(blocks), "unaligned": b["unaligned"]},
-            },
+            "meta": {**meta, "scaling": scaling, "block": {"index": index, "count": len(blocks)}},
             "in_n5": in_n5,
             "in_ds": in_ds,
             "out_n5": out_n5,
@@ -305,14 +380,19 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path):
             "end": b["end"],
             "scaling": scaling,
             "model": MODEL.name,  # staged into the task directory, as a path input is
-            "options": opts["segmentation_args"],
+            "options": sub["segment"],
+            "resources": opts["segmentation_resources"],
         }
-        for b in blocks
+        for index, b in enumerate(blocks)
     ]
     segment_rendered = groovy.render_many(segment, [(i, task(segment.name, cpus=1)) for i in block_inputs])
     for rendered in segment_rendered:
         check_mounts(rendered, [in_n5, out_n5])
         assert f"--scaling {scaling}" in rendered["script"] and "--io-threads 2" in rendered["script"]
+        assert ("--partial_volume 0,0,0,80,64,64" in rendered["script"]) == (source == "tiff")
+    # the host's resource params reach the task (cpus, memory) and the default image is the pinned one
+    directives = groovy.render_directives(segment, block_inputs[0], task(segment.name), ["cpus", "memory", "container"])
+    assert directives == {"cpus": 4, "memory": "24 GB", "container": f"ghcr.io/janeliascicomp/exllsm-segment-volume:{VERSION}"}
     stage = {MODEL.name: MODEL}
     with ThreadPoolExecutor(2) as pool:
         segment_works = list(pool.map(lambda r: runner.run(segment, r["script"], stage), segment_rendered))
@@ -326,6 +406,8 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path):
     prob = output.read(output.box)
     assert prob.shape == (96, 64, 64) and np.isfinite(prob).all()
     assert 0 <= prob.min() and prob.max() <= 1 and prob.max() > 0.5
+    if source == "tiff":
+        assert not prob[80:].any() and prob[:80].any()  # only the region is segmented
 
     # -- Barrier: the volume is done when all of its blocks are, and `done` has the host's strings
     groups: dict[str, list] = {}
@@ -333,127 +415,175 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path):
         groups.setdefault(item[0]["id"], []).append(item)
     assert {k: len(v) for k, v in groups.items()} == {meta["id"]: len(blocks)}
     done = [group[0][0]["host"] for group in groups.values() if len(group) == group[0][0]["block"]["count"]]
-    assert done == [[in_n5, "/c1/s0", params["output_dir"], "/segmented/s0"]]
+    if source == "tiff":
+        assert done == [[out_n5, "/raw/s0", out_n5, "/segmented/s0"]]
+    else:
+        assert done == [[in_n5, "/c1/s0", out_n5, "/segmented/s0"]]
 
     # -- Re-runs: a finished block is skipped; a block without its marker (killed) is redone ------
     rerun = runner.run(segment, segment_rendered[0]["script"], stage)
     assert "already done (marker present), skipped" in (rerun / ".command.out").read_text()
-    marker = Path(out_n5) / "segmented/s0/.exllsm-done" / "64_0_0-96_64_64.json"
+    marker = Path(out_n5) / "segmented/s0/.exllsm-done" / f"{blocks[-1]['start'].replace(',', '_')}-{blocks[-1]['end'].replace(',', '_')}.json"
     marker.unlink()
-    redo = runner.run(segment, segment_rendered[1]["script"], stage)
+    redo = runner.run(segment, segment_rendered[-1]["script"], stage)
     assert "tiles in" in (redo / ".command.out").read_text() and marker.is_file()
 
     # -- Stubs run and declare the same outputs -------------------------------------------------
     stubs = [
         (make, make_rendered),
+        (plan_proc, plan_rendered),
         (scaling_proc, scaling_rendered[0]),
         (create, create_rendered),
         (segment, segment_rendered[0]),
     ]
+    if source == "tiff":
+        stubs.append((convert, convert_rendered))
     for process, rendered in stubs:
         work = runner.run(process, rendered["stub"])
         if process is scaling_proc:
             assert runner.evaluate(work, process.output("scaling").kinds[1][1]) == "null"
             assert (work / "scaling.log").is_file()
+        if process is plan_proc:
+            assert (work / "blocks.txt").is_file() and (work / "scaling_jobs.txt").is_file()
 
 
-def test_planning_follows_the_host_arithmetic(tmp_path):
-    """The subworkflow's planning functions against the host pipeline's numbers (contract 1.2)."""
-    n5 = tmp_path / "big.n5" / "c1" / "s0"
-    n5.mkdir(parents=True)
-    (n5 / "attributes.json").write_text(
+def test_facade_and_subworkflow_functions(tmp_path):
+    """The Groovy that is left: the host's params become flags and resources, the input kind is
+    detected by the host's rule, plan files are read, and scaling factors are averaged. The block
+    and scaling-job geometry is Python's (tests/test_geometry.py)."""
+    big = tmp_path / "big.n5"
+    (big / "c1" / "s0").mkdir(parents=True)
+    (big / "c1" / "s0" / "attributes.json").write_text(
         json.dumps({"dimensions": [1000, 1000, 600], "blockSize": [512, 512, 512], "dataType": "uint16"})
     )
-    (tmp_path / "big.n5" / "attributes.json").write_text(json.dumps({"n5": "2.0.0"}))  # the root: no dims
+    (big / "attributes.json").write_text(json.dumps({"n5": "2.0.0"}))  # the root: no dims
     (tmp_path / "tiff").mkdir()
+    (tmp_path / "stack.tif").write_bytes(b"II*\x00")
+    zarr_ds = tmp_path / "in.zarr" / "raw"
+    zarr_ds.mkdir(parents=True)
+    (zarr_ds / ".zarray").write_text("{}")
 
     def refused(call: str) -> str:
         return f"try {{ {call}; return 'accepted' }} catch (IllegalStateException e) {{ return e.message }}"
 
-    dims = "[5000, 5000, 5000]"
+    out = ["/o/out.n5", "/s0", "/raw/s0"]
+    host = f"hostVolume(0, [d, ds], {out!r})".replace("'", "'")
     jobs = [
-        # percent 0.1: job edge int(396 * cbrt(40 / 0.1)) = 2917, so 2 x 2 x 2 jobs
+        # an N5 dataset: read in place, `done` names it
+        ({"params": {}, "d": str(big), "ds": "/c1/s0"}, host),
+        # a zarr array too
+        ({"params": {}, "d": str(tmp_path / "in.zarr"), "ds": "raw"}, host),
+        # a folder of TIFF slices, and a multi-page TIFF: converted into <out><unsegmented_dataset>
+        ({"params": {}, "d": str(tmp_path / "tiff"), "ds": ""}, host),
+        ({"params": {}, "d": str(tmp_path), "ds": "stack.tif"}, host),
+        # empty unsegmented_dataset: default_n5_dataset
         (
-            {},
-            f"def p = scalingPlan({dims}, segmentationOptions([scaling_fraction: 0.1])); [p.fraction, p.jobs.size(), p.jobs[1].start, p.jobs[1].end]",
+            {"params": {"default_n5_dataset": "raw0"}, "d": str(tmp_path / "tiff"), "ds": ""},
+            "hostVolume(1, [d, ds], ['/o/out.n5', '/s0', ''])",
         ),
-        # 100 tiles of the 13^3 = 2197 sampling tiles
-        ({}, f"scalingPlan({dims}, segmentationOptions([scaling_tiles: 100])).fraction"),
-        # inactive: no tiles and a fraction outside (0, 1)
+        # the host's pitfall (the container root) and a missing input are refused with a message
+        ({"params": {}, "d": str(big), "ds": ""}, refused(host)),
+        ({"params": {}, "d": str(tmp_path / "nowhere"), "ds": ""}, refused(host)),
+        # the host's params: defaults, and each one set
+        ({"params": {}}, "hostOptions()"),
         (
-            {},
-            f"[scalingPlan({dims}, segmentationOptions([scaling_fraction: 1])).jobs, scalingPlan({dims}, segmentationOptions([:])).jobs]",
+            {
+                "params": {
+                    "volume_partition_size": 256,
+                    "neuron_segmentation_partition_size": "128,128,256",
+                    "n5_compression": "bzip2",
+                    "overwrite_output": True,
+                    "neuron_segmentation_cpus": 8,
+                    "neuron_segmentation_memory": "32 GB",
+                    "neuron_scaling_cpus": 2,
+                    "neuron_scaling_memory": "3 G",
+                    "exm_neuron_segmentation_container": "registry.example/exllsm-segment-volume:0.1.0",
+                }
+            },
+            "hostOptions()",
         ),
-        # blocks: x fastest, end-exclusive, clipped to the volume
+        ({"params": {"volume_partition_size": 256, "neuron_segmentation_partition_size": ""}}, "hostOptions().partition_size"),
+        # the host fills the container param with the original tool's image: that means "not set"
         (
-            {},
-            "partitionVolume([128, 100, 64], '', [64, 64, 64], [64, 64, 64]).collect { b -> [b.start, b.end, b.unaligned] }",
+            {"params": {"exm_neuron_segmentation_container": "public.ecr.aws/janeliascicomp/exm-analysis/neuron-segmentation:1.0.0"}},
+            "hostContainer()",
         ),
-        # partial_volume x0,y0,z0,dx,dy,dz: the last block ends inside the volume, off the chunk grid
+        ({"params": {}}, "[tiffArgs(), hostResources('tiff2n5_cpus', 4, 'tiff2n5_memory', '8 GB', '')]"),
         (
-            {},
-            "partitionVolume([1000, 1000, 600], '0,0,0,600,512,512', [512, 512, 512], [512, 512, 512]).collect { b -> [b.start, b.end, b.unaligned] }",
+            {
+                "params": {
+                    "input_imgname_pattern": "slice_*.tiff",
+                    "block_size": "250,250,250",
+                    "partial_volume": "0,0,0,250,250,250",
+                    "n5_compression": "raw",
+                    "overwrite_output": True,
+                    "tiff2n5_cpus": 24,
+                    "tiff2n5_memory": "126 G",
+                }
+            },
+            "[tiffArgs(), hostResources('tiff2n5_cpus', 4, 'tiff2n5_memory', '8 GB', '')]",
         ),
-        ({}, refused("checkAlignment('v', processedRegion([1000, 1000, 600], ''), [512, 512, 512], [396, 396, 396])")),
-        (
-            {},
-            refused(
-                "checkAlignment('v', processedRegion([1000, 1000, 600], '100,0,0,512,512,512'), [512, 512, 512], [512, 512, 512])"
-            ),
-        ),
-        (
-            {},
-            "checkAlignment('v', processedRegion([1000, 1000, 600], ''), [512, 512, 512], [1024, 512, 512]); 'accepted'",
-        ),
-        ({}, "[sizeComponents(512), sizeComponents('256,256,512'), sizeComponents([1, 2, 3])]"),
+    ]
+    sub = [
+        ({}, "def o = segmentationOptions([partition_size: 250, partial_volume: '0,0,0,250,250,250', scaling_fraction: 0.1]); [planArgs(o), createArgs(o), segmentArgs(o)]"),
+        ({}, "def o = segmentationOptions([binary: true, compression: 'xz', overwrite: true, segmentation_args: '--as_binary_mask']); [planArgs(o), createArgs(o), segmentArgs(o)]"),
+        ({}, "[sizeText(512), sizeText('256, 256, 512'), sizeText([1, 2, 3])]"),
+        ({}, "planLines('0,0,0,512,512,512\\n512,0,0,600,512,512\\n\\n')"),
+        ({}, "planLines('0,0,0,2917,2917,2917 0.1\\n')"),
         (
             {},
             "[meanScaling(['0.5', 'nan', 'null', '1.5']), meanScaling(['null', 'nan']), normaliseScaling(null), normaliseScaling('0.3')]",
         ),
-        ({"d": str(tmp_path / "big.n5")}, "datasetGeometry(d, '/c1/s0')"),
-        ({"d": str(tmp_path / "big.n5")}, refused("datasetGeometry(d, '')")),
-        (
-            {"params": {}, "d": str(tmp_path / "tiff")},
-            refused("hostVolume(0, [d, ''], ['/o/out.n5', '/s0', '/raw/s0'])"),
-        ),
-        (
-            {"params": {"volume_partition_size": 256, "neuron_segmentation_partition_size": ""}},
-            "hostOptions().partition_size",
-        ),
-        (
-            {"params": {"volume_partition_size": 256, "neuron_segmentation_partition_size": "128,128,256"}},
-            "hostOptions().partition_size",
-        ),
-        ({"params": {}}, "hostOptions()"),
         # the mean does not depend on the order in which the jobs finish (0.1 + 0.2 + 0.3 != 0.3 + 0.1 + 0.2)
         ({}, "[['0.1', '0.2', '0.3'], ['0.3', '0.1', '0.2'], ['0.2', '0.3', '0.1']].collect { v -> meanScaling(v) }"),
     ]
-    results = Groovy(tmp_path / "groovy").evaluate([(binding, FUNCTIONS, code) for binding, code in jobs])
-    fraction, count, start, end = results[0]
-    assert (fraction, count, start, end) == (0.1, 8, "2917,0,0", "5000,2917,2917")
-    assert results[1] == pytest.approx(100 / 13**3)
-    assert results[2] == [[], []]
-    assert results[3] == [
-        ["0,0,0", "64,64,64", False],
-        ["64,0,0", "128,64,64", False],
-        ["0,64,0", "64,100,64", False],
-        ["64,64,0", "128,100,64", False],
-    ]
-    assert results[4] == [["0,0,0", "512,512,512", False], ["512,0,0", "600,512,512", True]]
-    assert "not a multiple of the output chunk size 512,512,512 on axis x" in results[5]
-    assert "not on the chunk grid" in results[6]
-    assert results[7] == "accepted"
-    assert results[8] == [[512, 512, 512], [256, 256, 512], [1, 2, 3]]
-    assert results[9] == ["1.0", "", "", "0.3"]
-    assert results[10] == {"dims": [1000, 1000, 600], "chunks": [512, 512, 512]}
-    assert "no dimensions/blockSize" in results[11]
-    assert "is not an N5 dataset" in results[12]
-    assert results[13] == 256 and results[14] == "128,128,256"
-    defaults = results[15]
+    groovy = Groovy(tmp_path / "groovy")
+    results = groovy.evaluate([(b, section_functions(FACADE), c) for b, c in jobs])
+    results += groovy.evaluate([(b, section_functions(SUBWORKFLOW), c) for b, c in sub])
+    n5, zarr, tiffs, stack, fallback, root, missing, defaults, custom, partition, original, tiff_default, tiff_custom = results[:13]
+    assert n5 == {"id": "out_s0", "tiff": "", "host": [str(big), "/c1/s0", "/o/out.n5", "/s0"]}
+    assert zarr["tiff"] == "" and zarr["host"][:2] == [str(tmp_path / "in.zarr"), "raw"]
+    assert tiffs == {"id": "out_s0", "tiff": str(tmp_path / "tiff"), "host": ["/o/out.n5", "/raw/s0", "/o/out.n5", "/s0"]}
+    assert stack["tiff"] == str(tmp_path / "stack.tif") and stack["host"][:2] == ["/o/out.n5", "/raw/s0"]
+    assert fallback == {"id": "out_s0-1", "tiff": str(tmp_path / "tiff"), "host": ["/o/out.n5", "raw0", "/o/out.n5", "/s0"]}
+    assert "is an N5 container or group, not a dataset" in root and "neuron_input_dataset" in root
+    assert "does not exist" in missing
     assert defaults["partition_size"] == 512 and defaults["scaling_partition_size"] == "396,396,396"
     assert defaults["max_scaling_tiles_per_job"] == 40 and defaults["binary"] is False
+    assert defaults["compression"] == "gzip" and defaults["overwrite"] is False
+    assert defaults["segmentation_resources"] == {"cpus": 4, "memory": "24 GB", "container": ""}
+    assert defaults["scaling_resources"] == {"cpus": 1, "memory": "4 GB", "container": ""}
     assert defaults["segmentation_args"] == (
         "--model_input_shape auto --model_output_shape auto --unet_batch_size 1 --set_gpu_mem_growth "
         "--high_threshold 0.98 --low_threshold 0.2 --small_region_probability_threshold 0.9 --small_region_size_threshold 1000"
     )
-    assert len(set(results[16])) == 1, results[16]
+    assert custom["partition_size"] == "128,128,256" and custom["compression"] == "bzip2" and custom["overwrite"] is True
+    image = "registry.example/exllsm-segment-volume:0.1.0"
+    assert custom["segmentation_resources"] == {"cpus": 8, "memory": "32 GB", "container": image}
+    assert custom["scaling_resources"] == {"cpus": 2, "memory": "3 G", "container": image}
+    assert partition == 256
+    assert original == ""
+    assert tiff_default == [
+        "--input_name_pattern '*.tif' --chunks 512,512,512 --compression gzip",
+        {"cpus": 4, "memory": "8 GB", "container": ""},
+    ]
+    assert tiff_custom == [
+        "--input_name_pattern 'slice_*.tiff' --chunks 250,250,250 --subvol 0,0,0,250,250,250 --compression raw --overwrite",
+        {"cpus": 24, "memory": "126 G", "container": ""},
+    ]
+    host_example, binary, sizes, blocks, scaling_jobs, means, orders = results[13:]
+    assert host_example == [
+        "--partition_size 250 --partial_volume 0,0,0,250,250,250 --scaling_tiles 0 --scaling_fraction 0.1 "
+        "--scaling_partition_size 396,396,396 --max_scaling_tiles_per_job 40",
+        "--dtype float32 --compression gzip",
+        "--partial_volume 0,0,0,250,250,250",
+    ]
+    assert binary[1:] == ["--dtype uint8 --compression xz --overwrite", "--as_binary_mask"]
+    assert sizes == ["512", "256,256,512", "1,2,3"]
+    assert blocks == [
+        {"start": "0,0,0", "end": "512,512,512", "fraction": ""},
+        {"start": "512,0,0", "end": "600,512,512", "fraction": ""},
+    ]
+    assert scaling_jobs == [{"start": "0,0,0", "end": "2917,2917,2917", "fraction": "0.1"}]
+    assert means == ["1.0", "", "", "0.3"]
+    assert len(set(orders)) == 1, orders

@@ -9,7 +9,8 @@ process CREATE_VOLUME {
 
     input:
     tuple val(meta), val(in_n5), val(in_ds), val(out_n5), val(out_ds)
-    val dtype
+    // create_volume.py flags from the pipeline: --dtype, --compression, --overwrite
+    val options
 
     output:
     tuple val(meta), val(in_n5), val(in_ds), val(out_n5), val(out_ds), emit: volume
@@ -24,12 +25,12 @@ process CREATE_VOLUME {
     create_volume.py \\
         --input ${in_n5} --input_data_set ${in_ds} \\
         --output ${out_n5} --output_data_set ${out_ds} \\
-        --dtype ${dtype} ${args}
+        ${options} ${args}
     """
 
     stub:
     """
-    echo "stub: ${out_n5}:${out_ds} (${dtype}) not created"
+    echo "stub: ${out_n5}:${out_ds} (${options}) not created"
     """
 }
 

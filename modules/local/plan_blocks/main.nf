@@ -29,8 +29,10 @@ process PLAN_BLOCKS {
     """
 
     stub:
+    // one placeholder block, so that a -stub run goes through segmentation and the barrier
     """
-    touch blocks.txt scaling_jobs.txt
+    echo "0,0,0,1,1,1" > blocks.txt
+    touch scaling_jobs.txt
     """
 }
 

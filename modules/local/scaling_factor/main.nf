@@ -2,8 +2,12 @@ process SCALING_FACTOR {
     tag "${meta.id}:${meta.job.index}"
     label 'process_single'
 
+    // Resources and image from the pipeline's params (the host's neuron_scaling_cpus/_memory and
+    // exm_neuron_segmentation_container), as a value: the host never reads this project's conf/.
+    cpus { (resources.cpus ?: 1) as Integer }
+    memory { (resources.memory ?: '4 GB') as String }
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.1.0'}"
+    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.1.0')}"
     // The input N5 is read in place (and the plots directory written in place): bind them.
     containerOptions "${bindMounts(workflow.containerEngine, [n5, plots_dir])}"
 
@@ -11,6 +15,8 @@ process SCALING_FACTOR {
     tuple val(meta), val(n5), val(dataset), val(start), val(end), val(fraction)
     val partition_size
     val plots_dir
+    // [ cpus: int, memory: '4 GB', container: image ('' = the pinned one) ]
+    val resources
 
     output:
     // The host pipeline's contract: field 6 of "Calculated a scaling factor of <X> based on <n>/<N> tiles"

@@ -13,8 +13,10 @@ process TIFF_TO_N5 {
 
     input:
     tuple val(meta), val(tiff_dir), val(out_n5), val(out_ds)
-    val options    // tiff_to_n5.py flags from the pipeline: --input_name_pattern, --chunks, --subvol, --compression, --overwrite
-    val resources  // [ cpus: int, memory: '8 GB', container: image ('' = the pinned one) ]
+    // tiff_to_n5.py flags from the pipeline: --input_name_pattern, --chunks, --subvol, --compression, --overwrite
+    val options
+    // [ cpus: int, memory: '8 GB', container: image ('' = the pinned one) ]
+    val resources
 
     output:
     tuple val(meta), val(out_n5), val(out_ds), emit: volume

@@ -1,3 +1,4 @@
+include { PLAN_BLOCKS    } from '../../../modules/local/plan_blocks'
 include { SCALING_FACTOR } from '../../../modules/local/scaling_factor'
 include { CREATE_VOLUME  } from '../../../modules/local/create_volume'
 include { SEGMENT_VOLUME } from '../../../modules/local/segment_volume'
@@ -5,9 +6,10 @@ include { SEGMENT_VOLUME } from '../../../modules/local/segment_volume'
 /*
  * Block-wise U-Net segmentation of N5 volumes, one task per block.
  *
- * For each volume: (1) optionally sample a global intensity scaling factor in parallel jobs and
- * average it, (2) create the output dataset (input dims and chunks), (3) cut the processed
- * region into blocks aligned to the output chunk grid, (4) segment each block, (5) emit the
+ * For each volume: (1) plan the blocks and the scaling-factor sampling jobs (bin/plan_blocks.py:
+ * the chunk grid, partial_volume and the host's arithmetic live in the Python library, not here),
+ * (2) optionally sample a global intensity scaling factor in parallel jobs and average it,
+ * (3) create the output dataset (input dims and chunks), (4) segment each block, (5) emit the
  * volume as soon as all of its own blocks are done.
  */
 workflow NEURON_SEGMENTATION {
@@ -22,59 +24,63 @@ workflow NEURON_SEGMENTATION {
     if (opts.scaling_plots_dir) {
         file(opts.scaling_plots_dir).mkdirs()  // bound into the scaling containers, so it must exist
     }
+    def ch_inputs = ch_volumes.map { meta, in_n5, in_ds, out_n5, out_ds ->
+        file(out_n5).parent.mkdirs()  // bound into the create-volume container, so it must exist
+        [meta, in_n5, in_ds, out_n5, out_ds]
+    }
 
     //
-    // Input geometry: dims and chunks of each input dataset (N5 attributes.json or zarr .zarray)
+    // The plan of each volume: its blocks on the chunk grid and its scaling sampling jobs
     //
-    def ch_info = ch_volumes.map { meta, in_n5, in_ds, out_n5, out_ds ->
-        def attrs = datasetGeometry(in_n5, in_ds)
-        def region = processedRegion(attrs.dims, opts.partial_volume)
-        checkAlignment(meta.id, region, attrs.chunks, opts.partition_size)
-        file(out_n5).parent.mkdirs()  // bound into the create-volume container, so it must exist
-        [meta + [dims: attrs.dims, chunks: attrs.chunks], in_n5, in_ds, out_n5, out_ds]
-    }
+    PLAN_BLOCKS(ch_inputs.map { meta, in_n5, in_ds, _out_n5, _out_ds -> [meta, in_n5, in_ds] }, planArgs(opts))
+    def ch_plan = PLAN_BLOCKS.out.plan
+        .map { meta, blocks, jobs -> [meta.id, planLines(blocks.text), planLines(jobs.text)] }
 
     //
     // Global scaling factor: sampling jobs in parallel, then the mean of the jobs' factors
     //
-    def ch_jobs = ch_info.flatMap { meta, in_n5, in_ds, _out_n5, _out_ds ->
-        def plan = scalingPlan(meta.dims, opts)
-        plan.jobs.collect { job ->
-            [meta + [job: [index: job.index, count: plan.jobs.size()]], in_n5, in_ds, job.start, job.end, plan.fraction]
+    def ch_jobs = ch_inputs
+        .map { meta, in_n5, in_ds, _out_n5, _out_ds -> [meta.id, meta, in_n5, in_ds] }
+        .join(ch_plan)
+        .flatMap { _id, meta, in_n5, in_ds, _blocks, jobs ->
+            (0..<jobs.size()).collect { index ->
+                def job = jobs[index]
+                [meta + [job: [index: index, count: jobs.size()]], in_n5, in_ds, job.start, job.end, job.fraction]
+            }
         }
-    }
-    SCALING_FACTOR(ch_jobs, opts.scaling_partition_size.join(','), opts.scaling_plots_dir)
+    SCALING_FACTOR(ch_jobs, sizeText(opts.scaling_partition_size), opts.scaling_plots_dir, opts.scaling_resources)
 
     def ch_sampled = SCALING_FACTOR.out.scaling
         .map { meta, value -> [groupKey(meta.id, meta.job.count), meta.id, value] }
         .groupTuple()
         .map { _key, ids, values -> [ids[0], meanScaling(values)] }
 
-    def ch_fixed = ch_info
-        .filter { meta, _in_n5, _in_ds, _out_n5, _out_ds -> scalingPlan(meta.dims, opts).jobs.isEmpty() }
-        .map { meta, _in_n5, _in_ds, _out_n5, _out_ds -> [meta.id, normaliseScaling(opts.user_defined_scaling)] }
+    def ch_fixed = ch_plan
+        .filter { _id, _blocks, jobs -> jobs.isEmpty() }
+        .map { id, _blocks, _jobs -> [id, normaliseScaling(opts.user_defined_scaling)] }
 
     def ch_scaling = ch_sampled.mix(ch_fixed)  // [ id, scaling ('' = per-block factor) ]
 
     //
     // Output dataset: created before any block runs (an identical existing one is kept)
     //
-    CREATE_VOLUME(ch_info, opts.binary ? 'uint8' : 'float32')
+    CREATE_VOLUME(ch_inputs, createArgs(opts))
 
     //
-    // One task per block; blocks are aligned to the output chunk grid
+    // One task per planned block
     //
     def ch_blocks = CREATE_VOLUME.out.volume
         .map { meta, in_n5, in_ds, out_n5, out_ds -> [meta.id, meta, in_n5, in_ds, out_n5, out_ds] }
         .join(ch_scaling)
-        .flatMap { _id, meta, in_n5, in_ds, out_n5, out_ds, scaling ->
-            def blocks = partitionVolume(meta.dims, opts.partial_volume, opts.partition_size, meta.chunks)
-            blocks.collect { block ->
-                def block_meta = meta + [scaling: scaling, block: [index: block.index, count: blocks.size(), unaligned: block.unaligned]]
+        .join(ch_plan)
+        .flatMap { _id, meta, in_n5, in_ds, out_n5, out_ds, scaling, blocks, _jobs ->
+            (0..<blocks.size()).collect { index ->
+                def block = blocks[index]
+                def block_meta = meta + [scaling: scaling, block: [index: index, count: blocks.size()]]
                 [block_meta, in_n5, in_ds, out_n5, out_ds, block.start, block.end, scaling]
             }
         }
-    SEGMENT_VOLUME(ch_blocks, ch_model, opts.segmentation_args)
+    SEGMENT_VOLUME(ch_blocks, ch_model, segmentArgs(opts), opts.segmentation_resources)
 
     //
     // Per-volume barrier: each volume is released as soon as its own blocks are all done
@@ -92,137 +98,72 @@ workflow NEURON_SEGMENTATION {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Options and geometry. Coordinates are x,y,z with exclusive ends, as in the host pipeline.
+// Options. Geometry (blocks, regions, chunk grids, sampling jobs) is planned by bin/plan_blocks.py.
 // ------------------------------------------------------------------------------------------------
 
 // The options map with defaults filled in (the host pipeline's defaults).
 def segmentationOptions(Map options) {
     def defaults = [
-        partition_size              : [512, 512, 512],  // GPU block edge(s): a multiple of the output chunk size
+        partition_size              : '512',            // block edge(s), one number or x,y,z: rounded up to the chunk grid
         partial_volume              : '',               // 'x0,y0,z0,dx,dy,dz' or '' for the whole volume
         scaling_tiles               : 0,                // number of sampled tiles (wins over the fraction)
         scaling_fraction            : 0,                // fraction of sampled tiles, used when 0 < f < 1
-        scaling_partition_size      : [396, 396, 396],  // sampling tile size
+        scaling_partition_size      : '396,396,396',    // sampling tile size
         max_scaling_tiles_per_job   : 40,
         scaling_plots_dir           : '',
         user_defined_scaling        : '',               // used as-is when no sampling runs
         binary                      : false,            // uint8 0/1 output instead of float32 probabilities
+        compression                 : 'gzip',           // codec of the output dataset
+        overwrite                   : false,            // replace an output dataset of other dims, chunks or dtype
         segmentation_args           : '',               // extra segment_volume.py flags
+        segmentation_resources      : [:],              // [cpus:, memory:, container:] of SEGMENT_VOLUME
+        scaling_resources           : [:],              // [cpus:, memory:, container:] of SCALING_FACTOR
     ]
-    def opts = defaults + options
-    opts.partition_size = sizeComponents(opts.partition_size)
-    opts.scaling_partition_size = sizeComponents(opts.scaling_partition_size)
-    return opts
+    return defaults + options
 }
 
-// A size given as a number, an 'x,y,z' string or a list, as a list of three ints.
-def sizeComponents(value) {
-    def text = "${value}".replace('[', '').replace(']', '')
-    def sizes = text.tokenize(',').collect { part -> part.trim().toInteger() }.toList()
-    if (sizes.size() == 1) {
-        sizes = [sizes[0], sizes[0], sizes[0]]
-    }
-    if (sizes.size() != 3 || sizes.any { size -> size < 1 }) {
-        error("size '${text}' must be one positive integer or three (x,y,z)")
-    }
-    return sizes
+// A size given as a number, an 'x,y,z' string or a list, as the 'x,y,z' (or 'n') text the scripts take.
+def sizeText(value) {
+    return "${value}".replace('[', '').replace(']', '').replace(' ', '')
 }
 
-// dims and chunks (x,y,z) of a dataset: N5 attributes.json, or zarr .zarray (stored z,y,x).
-def datasetGeometry(container, dataset) {
-    def dir = file("${container}/${dataset}")
-    def n5 = dir.resolve('attributes.json')
-    def zarr = dir.resolve('.zarray')
-    if (n5.exists()) {
-        def attrs = jsonObject(n5)
-        if (!attrs.dimensions || !attrs.blockSize) {
-            error("${n5} has no dimensions/blockSize: '${dataset}' is not a dataset of ${container} (set the input dataset, e.g. /c1/s0)")
-        }
-        return [dims: sizeComponents(attrs.dimensions), chunks: sizeComponents(attrs.blockSize)]
-    }
-    if (zarr.exists()) {
-        def attrs = jsonObject(zarr)
-        return [dims: sizeComponents(attrs.shape).reverse(), chunks: sizeComponents(attrs.chunks).reverse()]
-    }
-    error("no N5 or zarr dataset at ${dir} (neither attributes.json nor .zarray)")
+// plan_blocks.py flags: the blocks and, when sampling is on, the scaling jobs (the host's arithmetic).
+def planArgs(Map opts) {
+    return [
+        "--partition_size ${sizeText(opts.partition_size)}",
+        opts.partial_volume ? "--partial_volume ${sizeText(opts.partial_volume)}" : '',
+        "--scaling_tiles ${opts.scaling_tiles}",
+        "--scaling_fraction ${opts.scaling_fraction}",
+        "--scaling_partition_size ${sizeText(opts.scaling_partition_size)}",
+        "--max_scaling_tiles_per_job ${opts.max_scaling_tiles_per_job}",
+    ].findAll { arg -> arg != '' }.join(' ')
 }
 
-// The JSON object in a file, as a map.
-def jsonObject(Path json) {
-    return parseJson(new groovy.json.JsonSlurper(), json.text)
+// create_volume.py flags: dtype, codec, and --overwrite only when asked for.
+def createArgs(Map opts) {
+    return [
+        "--dtype ${opts.binary ? 'uint8' : 'float32'}",
+        "--compression ${opts.compression}",
+        opts.overwrite ? '--overwrite' : '',
+    ].findAll { arg -> arg != '' }.join(' ')
 }
 
-// `parser` is untyped on purpose: the type checker knows no JsonSlurper methods.
-def parseJson(parser, String text) {
-    return parser.parseText(text)
+// segment_volume.py flags: the caller's, plus the region blocks are clipped to (so a block that
+// ends inside a chunk at the region's edge is accepted: no other block writes that chunk).
+def segmentArgs(Map opts) {
+    return [
+        "${opts.segmentation_args}",
+        opts.partial_volume ? "--partial_volume ${sizeText(opts.partial_volume)}" : '',
+    ].findAll { arg -> arg != '' }.join(' ')
 }
 
-// The processed region [origin, size] of a volume: all of it, or partial_volume clipped to it.
-def processedRegion(List dims, String partialVolume) {
-    if (!partialVolume) {
-        return [origin: [0, 0, 0], size: dims]
+// The lines of a plan file: 'x0,y0,z0,x1,y1,z1' (blocks) or 'x0,y0,z0,x1,y1,z1 fraction' (scaling jobs).
+def planLines(String text) {
+    return text.readLines().findAll { line -> line.trim() }.collect { line ->
+        def fields = line.trim().tokenize(' ')
+        def box = fields[0].tokenize(',')
+        [start: box[0..2].join(','), end: box[3..5].join(','), fraction: fields.size() > 1 ? fields[1] : '']
     }
-    def values = partialVolume.tokenize(',').collect { v -> v.trim() as int }
-    if (values.size() != 6) {
-        error("partial_volume '${partialVolume}' must be 'x0,y0,z0,dx,dy,dz'")
-    }
-    def origin = values[0..2]
-    (0..2).each { axis ->
-        if (origin[axis] < 0 || origin[axis] >= dims[axis]) {
-            error("partial_volume '${partialVolume}' starts outside the volume ${dims.join(',')}")
-        }
-    }
-    def size = (0..2).collect { axis -> Math.min(values[axis + 3], dims[axis] - origin[axis]) }
-    return [origin: origin, size: size]
-}
-
-// Refuse a partition the output chunk grid cannot take without two blocks sharing a chunk.
-def checkAlignment(id, Map region, List chunks, List partition) {
-    (0..2).each { axis ->
-        def name = 'xyz'[axis]
-        if (partition[axis] % chunks[axis] != 0) {
-            error("${id}: partition size ${partition.join(',')} is not a multiple of the output chunk size ${chunks.join(',')} on axis ${name}; parallel blocks would share chunks and lose writes. Use a multiple of ${chunks[axis]} (neuron_segmentation_partition_size / volume_partition_size)")
-        }
-        if (region.origin[axis] % chunks[axis] != 0) {
-            error("${id}: partial_volume starts at ${region.origin.join(',')}, which is not on the chunk grid ${chunks.join(',')} on axis ${name}; start it at a multiple of ${chunks[axis]}")
-        }
-    }
-}
-
-// The blocks [index, start, end, unaligned] covering the region, x fastest (the host's order).
-def partitionVolume(List dims, String partialVolume, List partition, List chunks) {
-    def region = processedRegion(dims, partialVolume)
-    // per axis, the [start, end) intervals of the blocks
-    def intervals = [0, 1, 2].collect { axis ->
-        def origin = region.origin[axis] as Integer
-        def stop = origin + (region.size[axis] as Integer)
-        def step = partition[axis] as Integer
-        def count = (stop - origin + step - 1).intdiv(step)
-        (0..<count).collect { i -> [origin + i * step, Math.min(origin + (i + 1) * step, stop)] }.toList()
-    }.toList()
-    def boxes = intervals[2].collectMany { z -> intervals[1].collectMany { y -> intervals[0].collect { x -> [x, y, z] } } }.toList()
-    return (0..<boxes.size()).collect { index ->
-        def box = boxes[index]
-        // A block may end off the chunk grid only where the region ends inside the volume; that
-        // last chunk belongs to this block alone, so writing it is still race-free.
-        def unaligned = [0, 1, 2].any { axis -> box[axis][1] % chunks[axis] != 0 && box[axis][1] != dims[axis] }
-        [index: index, start: box.collect { iv -> iv[0] }.join(','), end: box.collect { iv -> iv[1] }.join(','), unaligned: unaligned]
-    }.toList()
-}
-
-// The sampling jobs of one volume (the host's neuron_scaling_factor arithmetic); none when inactive.
-def scalingPlan(List dims, Map opts) {
-    def tiles = opts.scaling_tiles as int
-    def fraction = opts.scaling_fraction as double
-    if (!(tiles > 0 || (fraction > 0 && fraction < 1))) {
-        return [fraction: 0, jobs: []]
-    }
-    def tile = opts.scaling_partition_size
-    def nTiles = partitionVolume(dims, opts.partial_volume, tile, tile).size()
-    def pct = tiles > 0 ? (tiles as double) / (nTiles as double) : fraction
-    def edge = (tile.min() * Math.cbrt((opts.max_scaling_tiles_per_job as double) / pct)) as int
-    def jobs = partitionVolume(dims, opts.partial_volume, [edge, edge, edge], [1, 1, 1])
-    return [fraction: pct, jobs: jobs]
 }
 
 // '' for an absent factor ('', null, 'null', 'nan'); the value otherwise.
