@@ -27,6 +27,12 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def overwrite_hint() -> str:
+    """How to replace an existing output, as the caller knows it: the --overwrite flag, or what a
+    pipeline calling the script sets in EXLLSM_OVERWRITE_HINT (e.g. its overwrite_output param)."""
+    return os.environ.get("EXLLSM_OVERWRITE_HINT") or "--overwrite replaces it"
+
+
 def set_gpu_memory_growth() -> None:
     """--set_gpu_mem_growth: let TensorFlow grow GPU memory as needed instead of taking it all."""
     from exllsm_neuronseg.inference import import_tensorflow

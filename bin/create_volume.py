@@ -10,7 +10,7 @@ blocks); anything else is an error unless --overwrite is given.
 from __future__ import annotations
 
 import typer
-from _cli import VersionOption, app_for, fail, run
+from _cli import VersionOption, app_for, fail, overwrite_hint, run
 
 HELP = __doc__.strip().splitlines()[0]
 
@@ -54,7 +54,7 @@ def create_volume(
             overwrite=overwrite,
         )
     except OutputExistsError as exc:
-        fail(f"{exc} (--overwrite replaces it)")
+        fail(f"{exc} ({overwrite_hint()})")
     typer.echo(
         f"dataset {volume}: shape {format_xyz(volume.shape)}, chunks {format_xyz(volume.chunks)}, {volume.dtype}, "
         f"{describe(codec)}"

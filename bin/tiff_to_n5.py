@@ -15,7 +15,7 @@ with --overwrite. The voxel size of ImageJ-calibrated TIFFs becomes N5 pixelReso
 from __future__ import annotations
 
 import typer
-from _cli import Progress, VersionOption, app_for, fail, run
+from _cli import Progress, VersionOption, app_for, fail, overwrite_hint, run
 
 # the whole docstring, one line per paragraph (the help wraps them)
 HELP = "\n\n".join(" ".join(paragraph.split()) for paragraph in __doc__.strip().split("\n\n"))
@@ -66,7 +66,7 @@ def tiff_to_n5(
             progress=progress,
         )
     except OutputExistsError as exc:
-        fail(f"{exc} (--overwrite replaces it)")
+        fail(f"{exc} ({overwrite_hint()})")
     finally:
         progress.close()
     vol = result.volume

@@ -428,6 +428,16 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     redo = runner.run(segment, segment_rendered[-1]["script"], stage)
     assert "tiles in" in (redo / ".command.out").read_text() and marker.is_file()
 
+    # -- A re-run into an output of another dtype stops and names the param that replaces it --------
+    binary_create = {**create_inputs, "options": sub["create"].replace("float32", "uint8")}
+    (binary_rendered,) = groovy.render_many(create, [(binary_create, task(create.name))])
+    work = runner.workdir(create.name)
+    (work / ".command.sh").write_text(binary_rendered["script"])
+    proc = subprocess.run(["bash", "-ue", ".command.sh"], cwd=work, env=runner.env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "already exists" in proc.stderr and "the pipeline param overwrite_output replaces it" in proc.stderr
+    assert open_volume(out_n5, "segmented/s0").dtype == np.float32  # untouched
+
     # -- Stubs run and declare the same outputs -------------------------------------------------
     stubs = [
         (make, make_rendered),

@@ -22,6 +22,7 @@ process CREATE_VOLUME {
     script:
     def args = task.ext.args ?: ''
     """
+    export EXLLSM_OVERWRITE_HINT='the pipeline param overwrite_output replaces it'
     create_volume.py \\
         --input ${in_n5} --input_data_set ${in_ds} \\
         --output ${out_n5} --output_data_set ${out_ds} \\

@@ -30,6 +30,7 @@ process TIFF_TO_N5 {
     // Chunks in flight (up to 2.5x their raw size each while encoded) get 60% of the task's memory (>= 1 GB)
     def memory_gb = Math.max(10L, Math.round((task.memory ? task.memory.toMega() : 2500L) * 0.006d)) / 10.0d
     """
+    export EXLLSM_OVERWRITE_HINT='the pipeline param overwrite_output replaces it'
     tiff_to_n5.py \\
         --input ${tiff_dir} \\
         --output ${out_n5} --data_set ${out_ds} \\
