@@ -82,6 +82,36 @@ def test_create_keeps_compatible_and_refuses_incompatible(tmp_path):
     assert fresh.dtype == np.uint8 and fresh.read(Box((0, 0, 0), (8, 8, 8))).sum() == 0
 
 
+def test_a_replacement_killed_midway_leaves_no_dataset_that_looks_complete(tmp_path, monkeypatch):
+    """The old dataset (chunks, attributes and done markers together) leaves its path in one rename;
+    a replacement killed while deleting it leaves nothing a re-run would take for the old dataset."""
+    import shutil
+
+    from exllsm_neuronseg import volume as volume_module
+
+    old = create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "float32")
+    old.write_zyx((0, 0, 0), np.ones((16, 16, 16), np.float32))
+    (old.path / ".exllsm-done").mkdir()
+    (old.path / ".exllsm-done" / "0_0_0-16_16_16.json").write_text("{}")
+
+    class Killed(BaseException):
+        pass
+
+    def killed(path, *args, **kwargs):
+        raise Killed  # the process dies while deleting the old chunks
+
+    monkeypatch.setattr(volume_module.shutil, "rmtree", killed)
+    with pytest.raises(Killed):
+        create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "uint8", overwrite=True)
+    assert not (tmp_path / "o.n5" / "seg" / "s0").exists()  # no attributes, no chunks, no markers
+    monkeypatch.undo()
+    assert shutil.rmtree is not killed
+    fresh = create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "uint8")
+    assert fresh.dtype == np.uint8 and fresh.read(fresh.box).sum() == 0
+    assert not (fresh.path / ".exllsm-done").exists()
+    assert [p.name for p in (tmp_path / "o.n5" / "seg").iterdir() if p.is_dir()] == ["s0"]  # the leftover is gone
+
+
 def test_resolution_attributes_carry_over(tmp_path):
     src = create_volume(tmp_path / "i.n5", "s0", (8, 8, 8), (4, 4, 4), "uint16", attributes={"pixelResolution": [0.1, 0.1, 0.2], "other": 1})
     assert input_attributes(src) == {"pixelResolution": [0.1, 0.1, 0.2]}

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -360,7 +361,8 @@ def create_volume(
                     f"{container}:/{dataset} already exists with {desc}, not shape {format_xyz(shape)}, "
                     f"chunks {format_xyz(chunks)}, {dtype}; replace it explicitly or choose another dataset"
                 )
-            del root[dataset]
+            _discard(Path(container) / dataset)
+        _discard_leftovers(Path(container) / dataset)
         array = root.create_dataset(
             dataset,
             shape=tuple(reversed(shape)),
@@ -378,6 +380,20 @@ def create_volume(
         top = Path(container) / dataset if (Path(container) / dataset).exists() else Path(container)
         raise OutputError(write_error_message(f"{container}:/{dataset}", error, top)) from exc
     return Volume(container, dataset, array)
+
+
+def _discard(path: Path) -> None:
+    """Remove a dataset directory so that no moment leaves a dataset that looks complete: it is first
+    renamed away in one step (its attributes, chunks and done markers go together), then deleted."""
+    trash = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def _discard_leftovers(path: Path) -> None:
+    """Delete what a replacement killed between its rename and its deletion left behind."""
+    for leftover in path.parent.glob(f".{path.name}.replaced-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _check_creatable(container: str) -> None:
