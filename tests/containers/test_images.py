@@ -358,6 +358,28 @@ def test_stages_run_as_documented(images, tmp_path):
     assert np.array_equal(_array(data / "sample.n5", "c1/s0"), _array(host / "sample.n5", "c1/s0"))
     src = "-i {d}/sample.n5"
 
+    # plan_blocks.py and tiff_to_n5.py, the create-volume image's other scripts
+    plan = "-id /c1/s0 --partition_size 64 --scaling_fraction 0.5 --scaling_partition_size 32"
+    in_image(create, f"plan_blocks.py {src} {plan} -o {{d}}/blocks.txt --scaling_output {{d}}/scaling_jobs.txt")
+    _venv(*f"plan_blocks.py -i {data}/sample.n5 {plan} -o {host}/blocks.txt --scaling_output {host}/jobs.txt".split())
+    assert (data / "blocks.txt").read_text() == (host / "blocks.txt").read_text()
+    assert (data / "blocks.txt").read_text().split() == ["0,0,0,64,64,64", "64,0,0,96,64,64"]
+    assert (data / "scaling_jobs.txt").read_text() == (host / "jobs.txt").read_text()
+    slices = tmp_path / "slices"  # read-only in the container
+    slices.mkdir()
+    import tifffile
+
+    stack = np.random.default_rng(0).integers(0, 4000, size=(6, 40, 48), dtype=np.uint16)  # z, y, x
+    for z, plane in enumerate(stack):
+        tifffile.imwrite(slices / f"slice_{z}.tif", plane)
+    convert = "-d /raw/s0 -c 32,32,4"
+    images.run(create, "tiff_to_n5.py", "-i", "/slices", "-o", "/data/raw.n5", *convert.split(),
+               mounts=(*mounts, f"{slices}:/slices:ro"))  # fmt: skip
+    _venv(*f"tiff_to_n5.py -i {slices} -o {host}/raw.n5 {convert}".split())
+    converted = _array(data / "raw.n5", "raw/s0")
+    assert np.array_equal(converted, _array(host / "raw.n5", "raw/s0"))
+    assert np.array_equal(converted, stack)  # zarr shows N5's x,y,z dimensions as z,y,x
+
     # create_volume.py as in its Dockerfile header
     create_flags = "-id /c1/s0 -od /s0 --dtype float32"
     in_image(create, f"create_volume.py {src} -o {{d}}/sample-seg.n5 {create_flags}")
