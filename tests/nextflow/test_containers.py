@@ -155,6 +155,7 @@ def test_dockerfiles_match_the_modules():
         "SCALING_FACTOR": image_of("scaling_factor"),
         "CREATE_VOLUME": image_of("create_volume"),
         "PLAN_BLOCKS": image_of("create_volume"),
+        "TIFF_TO_N5": image_of("create_volume"),
         "MAKE_TEST_VOLUME": image_of("create_volume"),
         "MAKE_TRAINING_REGIONS": image_of("train_unet"),
         "PREPARE_DATASET": image_of("train_unet"),
