@@ -4,7 +4,8 @@
 It takes the input's dims and chunk size (N5 blockSize) and its resolution attributes; dtype is
 float32 for probabilities or uint8 for binary masks; gzip compressed unless --compression says
 otherwise. An existing dataset of the same dims, chunks and dtype is kept (so re-runs keep finished
-blocks); anything else is an error unless --overwrite is given.
+blocks, and its own compression); anything else is an error unless --overwrite is given, which
+replaces it. The output can never be the input dataset itself.
 """
 
 from __future__ import annotations
@@ -25,21 +26,24 @@ def create_volume(
     chunks: str | None = typer.Option(None, "--chunks", help="Chunk size x,y,z (default: the input's)."),
     compression: str = typer.Option("gzip", "--compression", "--n5_compression", help="N5 compression: gzip, raw, bzip2 (bz2), xz (lzma) or blosc (the host's n5_compression)."),
     compression_level: int | None = typer.Option(None, "--compression-level", "--compression_level", help="Codec level (default gzip 1, bzip2 9, xz 6, blosc 5; raw takes none). Probability maps shrink only ~10% at any gzip level, and level 1 encodes ~1.4x faster than 6."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset (all its data is lost)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset of other dims, chunks or dtype (its data is lost); an identical one is kept."),
     version: bool = VersionOption,
 ) -> None:
     from exllsm_neuronseg.codecs import compressor, describe
     from exllsm_neuronseg.errors import OutputError, OutputExistsError
     from exllsm_neuronseg.geometry import format_xyz, parse_xyz
     from exllsm_neuronseg.volume import create_volume as create
-    from exllsm_neuronseg.volume import input_attributes, open_volume
+    from exllsm_neuronseg.volume import dataset_exists, input_attributes, open_volume, same_dataset
 
     if as_binary_mask:
         dtype = "uint8"
     if dtype not in ("float32", "uint8"):
         raise OutputError(f"--dtype {dtype!r} is not supported: use float32 (probabilities) or uint8 (binary masks)")
-    codec = compressor(compression, compression_level)  # a bad name or level fails before anything is read
+    compressor(compression, compression_level)  # a bad name or level fails before anything is read
     template = open_volume(input, input_dataset)
+    if same_dataset(input, input_dataset, output, output_dataset):
+        raise OutputError(f"the output {output}:{output_dataset} is the input dataset itself: choose another output dataset")
+    existed = dataset_exists(output, output_dataset)
     chunk_shape = parse_xyz(chunks, "--chunks", minimum=1) if chunks else template.chunks
     try:
         volume = create(
@@ -56,8 +60,8 @@ def create_volume(
     except OutputExistsError as exc:
         fail(f"{exc} ({overwrite_hint()})")
     typer.echo(
-        f"dataset {volume}: shape {format_xyz(volume.shape)}, chunks {format_xyz(volume.chunks)}, {volume.dtype}, "
-        f"{describe(codec)}"
+        f"dataset {volume}{' (existing, kept)' if existed else ''}: shape {format_xyz(volume.shape)}, "
+        f"chunks {format_xyz(volume.chunks)}, {volume.dtype}, {describe(volume.array.compressor)}"
     )
 
 

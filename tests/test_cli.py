@@ -126,8 +126,20 @@ def test_bad_segmentation_input(case, volumes, model_path):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert len([l for l in proc.stderr.splitlines() if l.startswith("error:") or "Error" in l]) == 1
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error:") or "Error" in line]) == 1
     assert tree_digest(out) == before
+
+
+def test_output_that_is_the_input_is_refused(volumes, model_path):
+    """Segmenting a dataset into itself would overwrite the raw data: refused, nothing written."""
+    inp, out = volumes
+    before = tree_digest(inp)
+    proc = run_script(
+        "segment_volume.py", *host_args(inp, out, model_path, **{"-o": str(inp), "-od": "c1//s0/"}), "--as_binary_mask", "--no-progress"
+    )
+    assert proc.returncode == 2 and "is the input dataset itself" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert tree_digest(inp) == before
 
 
 def test_bad_model_files(volumes, model_path, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import BIN, run_script
 from other_user import protect, run_as_other_user, shared_tmp
@@ -74,3 +75,45 @@ def test_output_in_a_read_only_place():
             proc = run_as_other_user([script, "-i", tmp / "in.n5", "-id", "c1/s0", "-o", out, "-od", dataset])
             one_error_line(proc, f"{path} is not writable by this user (uid ")
         assert not (tmp / "ro" / "o.n5").exists() and not (tmp / "theirs.n5" / "s1").exists()
+
+
+@pytest.mark.parametrize(
+    "output, dataset, message",
+    [
+        (None, "c1/s0", "is the input dataset itself"),
+        (None, "/c1//s0/", "is the input dataset itself"),
+        (None, "c1", "is a group (it holds other datasets)"),
+        (None, "c1/s0/seg", "would lie inside the dataset /c1/s0"),
+        ("o.n5", "../escape", "'.' or '..' segment"),
+        ("o.n5", ".", "'.' or '..' segment"),
+    ],
+)
+def test_outputs_that_would_destroy_data_are_refused(template, tmp_path, output, dataset, message):
+    """The input itself, a group of datasets, a path inside a dataset or outside the container: one
+    error line, even with --overwrite, and nothing changes."""
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = template if output is None else tmp_path / output
+    proc = run_script("create_volume.py", "-i", template, "-id", "c1/s0", "-o", out, "-od", dataset, "--overwrite")
+    one_error_line(proc, message)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_identical_output_is_kept_even_with_overwrite(template, tmp_path):
+    """A re-run keeps the finished blocks of an output of the same geometry, with its own codec;
+    --overwrite replaces only one that differs."""
+    first = run_script("create_volume.py", "-i", template, "-id", "c1/s0", "-o", tmp_path / "o.n5", "--compression", "xz", check=True)
+    assert first.stdout.strip().endswith("float32, xz preset 6") and "(existing, kept)" not in first.stdout
+    out = create_volume(tmp_path / "o.n5", "s0", (40, 30, 20), (16, 16, 8), "float32")
+    out.write_zyx((0, 0, 0), np.ones((8, 16, 16), np.float32))
+    again = run_script("create_volume.py", "-i", template, "-id", "c1/s0", "-o", tmp_path / "o.n5", "--overwrite", check=True)
+    assert "(existing, kept)" in again.stdout and again.stdout.strip().endswith("float32, xz preset 6")
+    assert out.read_zyx(out.box).sum() == 8 * 16 * 16
+    other = run_script("create_volume.py", "-i", template, "-id", "c1/s0", "-o", tmp_path / "o.n5", "--dtype", "uint8", "--overwrite", check=True)
+    assert other.stdout.strip().endswith("uint8, gzip level 1")
+
+
+def test_an_empty_folder_becomes_an_n5_container(template, tmp_path):
+    (tmp_path / "plain").mkdir()
+    run_script("create_volume.py", "-i", template, "-id", "c1/s0", "-o", tmp_path / "plain", check=True)
+    assert json.loads((tmp_path / "plain" / "s0" / "attributes.json").read_text())["dimensions"] == [40, 30, 20]
+    assert not (tmp_path / "plain" / ".zgroup").exists()

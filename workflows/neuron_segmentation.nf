@@ -39,7 +39,10 @@ workflow neuron_segmentation {
     // TIFF input: converted to N5 inside the output container first (the host's tiff_to_n5 step)
     //
     TIFF_TO_N5(
-        ch_requests.tiff.map { meta -> [meta, meta.tiff, "${file(meta.host[0])}", meta.host[1]] },
+        ch_requests.tiff.map { meta ->
+            file(meta.host[0]).parent.mkdirs()  // bound into the container, so it must exist
+            [meta, meta.tiff, "${file(meta.host[0])}", meta.host[1]]
+        },
         tiffArgs(),
         hostResources('tiff2n5_cpus', 4, 'tiff2n5_memory', '8 GB', ''),
     )
@@ -99,10 +102,11 @@ def minimumNextflow() {
 // tiff_to_n5.py flags from the host's params: slice pattern, chunk size, region, codec.
 def tiffArgs() {
     def pattern = hostParam('input_imgname_pattern', '*.tif')
-    def region = hostParam('partial_volume', '')
+    def chunks = "${hostParam('block_size', '512,512,512')}".replace(' ', '')
+    def region = "${hostParam('partial_volume', '')}".replace(' ', '')
     return [
         "--input_name_pattern '${pattern}'",
-        "--chunks ${hostParam('block_size', '512,512,512')}",
+        "--chunks ${chunks}",
         region ? "--subvol ${region}" : '',
         "--compression ${hostParam('n5_compression', 'gzip')}",
         hostParam('overwrite_output', false) ? '--overwrite' : '',
@@ -151,7 +155,11 @@ def hostVolume(index, List input, List output) {
     def name = "${file(outDir).baseName}${outDataset}".replaceAll('[^A-Za-z0-9_.-]+', '_')
     def id = index ? [name, "${index}"].join('-') : name
     def source = file("${inDir}/${inDataset}")
+    def target = file("${outDir}/${outDataset}")
     if (isDataset(source)) {
+        if (source == target) {
+            error("the output ${outDir}:${outDataset} is the input dataset itself: set another neuron_output_dataset (or output_dir)")
+        }
         return [id: id, tiff: '', host: [inDir, inDataset, outDir, outDataset]]
     }
     if (source.resolve('attributes.json').exists()) {
@@ -163,11 +171,19 @@ def hostVolume(index, List input, List output) {
     // The host's rule: anything that is not an N5 dataset is a TIFF series, converted into
     // <output_dir><unsegmented_dataset> (default_n5_dataset when that is empty)
     def rawDataset = output.size() > 2 && output[2] ? output[2] : hostParam('default_n5_dataset', 's0')
+    if (file("${outDir}/${rawDataset}") == target) {
+        error("the converted TIFF input ${outDir}:${rawDataset} would be the output dataset ${outDataset} itself: set another unsegmented_dataset (or neuron_output_dataset)")
+    }
     return [id: id, tiff: "${source}", host: [outDir, rawDataset, outDir, outDataset]]
 }
 
-// Whether a directory holds an N5 dataset (attributes.json with dimensions) or a zarr array.
+// Whether a directory holds an N5 dataset (attributes.json with top-level dimensions) or a zarr array.
 def isDataset(Path dir) {
     def n5 = dir.resolve('attributes.json')
-    return dir.resolve('.zarray').exists() || (n5.exists() && n5.text.contains('"dimensions"'))
+    return dir.resolve('.zarray').exists() || (n5.exists() && parseJson(new groovy.json.JsonSlurper(), n5.text).dimensions != null)
+}
+
+// `parser` is untyped on purpose: the type checker knows no JsonSlurper methods.
+def parseJson(parser, String text) {
+    return parser.parseText(text)
 }

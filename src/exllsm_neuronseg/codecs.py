@@ -98,6 +98,10 @@ def describe(codec: Codec | None) -> str:
     if codec is None:
         return "raw"
     config = codec.get_config()
+    if config["id"] == "n5_wrapper":  # an N5 dataset's compressor, as zarr opens it
+        config = config["compressor_config"]
+        if config is None:
+            return "raw"
     return {
         "gzip": lambda c: f"gzip level {c['level']}",
         "bz2": lambda c: f"bzip2 level {c['level']}",

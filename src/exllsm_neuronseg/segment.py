@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import GeometryError
+from .errors import GeometryError, OutputError
 from .geometry import XYZ, Box, TileGrid, check_block, check_chunk_aligned, format_xyz
 from .postprocess import post_process
 from .scaling import check_scaling_factor, intensity_histogram, scaling_factor_from_histogram
-from .volume import Volume, check_output_volume, io_executor, lower_thread_priority, split_by_chunks
+from .volume import Volume, check_output_volume, io_executor, lower_thread_priority, same_dataset, split_by_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
     from .unet import UNetConfig
@@ -126,7 +126,10 @@ def block_scaling_factor(volume: Volume, block: Box, context: XYZ, executor=None
     """
     window = block.grow(context).intersect(volume.box)
     pieces = split_by_chunks(window, volume.chunks)
-    count = lambda piece: intensity_histogram(volume.read_zyx(piece))
+
+    def count(piece: Box) -> np.ndarray:
+        return intensity_histogram(volume.read_zyx(piece))
+
     counts = sum(executor.map(count, pieces) if executor else map(count, pieces))
     return scaling_factor_from_histogram(counts).factor
 
@@ -271,6 +274,8 @@ def segment_block(
     if input_shape is None:
         input_shape = default_tile_shape(input_volume.shape, weights.config.n_blocks)
     block, grid = plan_block(input_volume, start, end, input_shape, output_shape, weights.config)
+    if same_dataset(input_volume.container, input_volume.dataset, output_volume.container, output_volume.dataset):
+        raise OutputError(f"the output {output_volume} is the input dataset itself: segment into another dataset")
     check_output_volume(output_volume, input_volume.shape, binary)
     if not allow_unaligned:
         check_chunk_aligned(block, output_volume.chunks, output_volume.shape, region)

@@ -46,7 +46,15 @@ import numpy as np
 from . import codecs
 from .errors import GeometryError, NeuronSegError, OutputError, OutputExistsError, TiffError
 from .geometry import XYZ, Box, format_xyz
-from .volume import Volume, create_volume, default_io_threads, io_executor, normalise_dataset_path, open_volume
+from .volume import (
+    Volume,
+    create_volume,
+    default_io_threads,
+    discard_dataset,
+    io_executor,
+    normalise_dataset_path,
+    open_volume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -563,10 +571,11 @@ def tiff_to_n5(
     region = subvol_region(subvolume, stack.shape)
     boxes = chunk_boxes(region, chunks, stack.shape)  # type: ignore[arg-type]
     temporary = _temporary_name(dataset)
+    if (Path(container) / temporary).exists():  # a leftover of a killed conversion: never reused
+        discard_dataset(Path(container) / temporary)
     volume = create_volume(
         container, temporary, stack.shape, chunks, stack.dtype,  # type: ignore[arg-type]
         attributes=stack.resolution_attributes(), compression=compression, compression_level=compression_level,
-        overwrite=True,  # a leftover of a killed conversion
     )
     log.info(
         "converting %d TIFF %s (%s, %s) into %s:/%s: %d chunks of %s",

@@ -35,8 +35,29 @@ RESOLUTION_ATTRIBUTES = ("pixelResolution", "resolution", "downsamplingFactors",
 
 
 def normalise_dataset_path(dataset: str) -> str:
-    """Strip leading and trailing slashes: ``/c1/s0/`` -> ``c1/s0``."""
-    return dataset.strip("/")
+    """Strip leading and trailing slashes: ``/c1/s0/`` -> ``c1/s0``.
+
+    A dataset lies inside its container: ``.`` and ``..`` segments (which would name the container
+    itself or a place outside it) raise :class:`VolumeError`.
+    """
+    parts = [part for part in dataset.strip("/").split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise VolumeError(
+            f"dataset path {dataset!r} has a '.' or '..' segment: a dataset is a path inside its container, e.g. /c1/s0"
+        )
+    return "/".join(parts)
+
+
+def dataset_exists(container: str | Path, dataset: str) -> bool:
+    """Whether a dataset (or anything else) exists at that path of the container."""
+    return (Path(container) / normalise_dataset_path(dataset)).exists()
+
+
+def same_dataset(container_a: str | Path, dataset_a: str, container_b: str | Path, dataset_b: str) -> bool:
+    """Whether two (container, dataset) pairs name the same directory on disk (links resolved)."""
+    a = Path(container_a).resolve() / normalise_dataset_path(dataset_a)
+    b = Path(container_b).resolve() / normalise_dataset_path(dataset_b)
+    return a.resolve() == b.resolve()
 
 
 def is_n5(container: str | Path) -> bool:
@@ -318,9 +339,11 @@ def create_volume(
 
     ``compression`` is an N5 compression name (:func:`codecs.compressor`: gzip, raw, bzip2, xz,
     blosc) and ``compression_level`` its level (None: the codec's default, gzip 1). An existing
-    dataset is kept and reused if it has the same shape, chunks and dtype; anything else raises
-    :class:`OutputExistsError` unless ``overwrite`` is true, in which case it is replaced. An
-    output location that cannot be written raises :class:`OutputError` naming the path.
+    dataset is kept and reused if it has the same shape, chunks and dtype (with ``overwrite`` too:
+    its finished blocks stay valid, and its own compression stays); another dataset raises
+    :class:`OutputExistsError` unless ``overwrite`` is true, in which case it is replaced (renamed
+    away in one step, then deleted). A group is never replaced, and no dataset is created inside
+    another. An output location that cannot be written raises :class:`OutputError` naming the path.
     """
     import zarr
 
@@ -332,14 +355,13 @@ def create_volume(
     container = str(container)
     _check_creatable(container)
     try:
-        if is_n5(container) or not Path(container).exists():
-            # New containers are N5 unless they are named *.zarr.
-            if not Path(container).exists() and Path(container).suffix.lower() == ".zarr":
-                store = zarr.DirectoryStore(container)
-            else:
-                store = _n5_store(container)
-        else:
+        # A zarr container stays zarr; anything else (an N5 container, a new path, an empty folder)
+        # is N5 unless it is named *.zarr.
+        if _is_zarr(container) or (Path(container).suffix.lower() == ".zarr" and not is_n5(container)):
             store = zarr.DirectoryStore(container)
+        else:
+            store = _n5_store(container)
+        _check_not_inside_an_array(container, dataset)
         root = zarr.open_group(store=store, mode="a")
         if dataset in root:
             existing = root[dataset]
@@ -349,9 +371,14 @@ def create_volume(
                 and tuple(reversed(existing.chunks)) == tuple(chunks)
                 and np.dtype(existing.dtype) == dtype
             )
+            if same:  # kept even when replacing is allowed: its finished blocks stay valid
+                return Volume(container, dataset, existing)
+            if not isinstance(existing, zarr.Array):
+                raise OutputError(
+                    f"{container}:/{dataset} is a group (it holds other datasets), not a dataset: "
+                    "choose a dataset path such as /segmented/s0"
+                )
             if not overwrite:
-                if same:
-                    return Volume(container, dataset, existing)
                 desc = (
                     f"shape {format_xyz(reversed(existing.shape))}, chunks {format_xyz(reversed(existing.chunks))}, {existing.dtype}"
                     if isinstance(existing, zarr.Array)
@@ -361,7 +388,7 @@ def create_volume(
                     f"{container}:/{dataset} already exists with {desc}, not shape {format_xyz(shape)}, "
                     f"chunks {format_xyz(chunks)}, {dtype}; replace it explicitly or choose another dataset"
                 )
-            _discard(Path(container) / dataset)
+            discard_dataset(Path(container) / dataset)
         _discard_leftovers(Path(container) / dataset)
         array = root.create_dataset(
             dataset,
@@ -382,7 +409,7 @@ def create_volume(
     return Volume(container, dataset, array)
 
 
-def _discard(path: Path) -> None:
+def discard_dataset(path: Path) -> None:
     """Remove a dataset directory so that no moment leaves a dataset that looks complete: it is first
     renamed away in one step (its attributes, chunks and done markers go together), then deleted."""
     trash = path.with_name(f".{path.name}.replaced-{os.getpid()}")
@@ -394,6 +421,32 @@ def _discard_leftovers(path: Path) -> None:
     """Delete what a replacement killed between its rename and its deletion left behind."""
     for leftover in path.parent.glob(f".{path.name}.replaced-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _check_not_inside_an_array(container: str, dataset: str) -> None:
+    """A dataset cannot be created below another dataset (its chunks live there)."""
+    parts = dataset.split("/")
+    for i in range(1, len(parts)):
+        above = Path(container, *parts[:i])
+        if (above / ".zarray").is_file() or "dimensions" in _json_object(above / "attributes.json"):
+            raise OutputError(
+                f"{container}:/{dataset} would lie inside the dataset /{'/'.join(parts[:i])}: choose a path outside it"
+            )
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object file's content; {} when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _is_zarr(container: str) -> bool:
+    """An existing zarr v2 container (a group or array at its root)."""
+    path = Path(container)
+    return (path / ".zgroup").is_file() or (path / ".zarray").is_file()
 
 
 def _check_creatable(container: str) -> None:

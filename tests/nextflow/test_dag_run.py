@@ -467,6 +467,8 @@ def test_facade_and_subworkflow_functions(tmp_path):
         json.dumps({"dimensions": [1000, 1000, 600], "blockSize": [512, 512, 512], "dataType": "uint16"})
     )
     (big / "attributes.json").write_text(json.dumps({"n5": "2.0.0"}))  # the root: no dims
+    (big / "c2").mkdir()
+    (big / "c2" / "attributes.json").write_text(json.dumps({"pixelResolution": {"dimensions": [0.1, 0.1, 0.2], "unit": "um"}}))
     (tmp_path / "tiff").mkdir()
     (tmp_path / "stack.tif").write_bytes(b"II*\x00")
     zarr_ds = tmp_path / "in.zarr" / "raw"
@@ -494,6 +496,11 @@ def test_facade_and_subworkflow_functions(tmp_path):
         # the host's pitfall (the container root) and a missing input are refused with a message
         ({"params": {}, "d": str(big), "ds": ""}, refused(host)),
         ({"params": {}, "d": str(tmp_path / "nowhere"), "ds": ""}, refused(host)),
+        # a group whose attributes hold a nested "dimensions" (pixelResolution) is still a group
+        ({"params": {}, "d": str(big), "ds": "c2"}, refused(host)),
+        # an output that is the input, or a converted input that would be the output: refused
+        ({"params": {}, "d": str(big), "ds": "/c1/s0/"}, refused(f"hostVolume(0, [d, ds], ['{big}', 'c1//s0', ''])")),
+        ({"params": {}, "d": str(tmp_path / "tiff"), "ds": ""}, refused("hostVolume(0, [d, ds], ['/o/out.n5', '/s0', ''])")),
         # the host's params: defaults, and each one set
         ({"params": {}}, "hostOptions()"),
         (
@@ -523,8 +530,8 @@ def test_facade_and_subworkflow_functions(tmp_path):
             {
                 "params": {
                     "input_imgname_pattern": "slice_*.tiff",
-                    "block_size": "250,250,250",
-                    "partial_volume": "0,0,0,250,250,250",
+                    "block_size": "250, 250, 250",
+                    "partial_volume": "0,0,0, 250,250,250",
                     "n5_compression": "raw",
                     "overwrite_output": True,
                     "tiff2n5_cpus": 24,
@@ -550,7 +557,11 @@ def test_facade_and_subworkflow_functions(tmp_path):
     groovy = Groovy(tmp_path / "groovy")
     results = groovy.evaluate([(b, section_functions(FACADE), c) for b, c in jobs])
     results += groovy.evaluate([(b, section_functions(SUBWORKFLOW), c) for b, c in sub])
-    n5, zarr, tiffs, stack, fallback, root, missing, defaults, custom, partition, original, tiff_default, tiff_custom = results[:13]
+    n5, zarr, tiffs, stack, fallback, root, missing, group, itself, raw_is_output = results[:10]
+    defaults, custom, partition, original, tiff_default, tiff_custom = results[10:16]
+    assert "is an N5 container or group, not a dataset" in group
+    assert "is the input dataset itself" in itself and "neuron_output_dataset" in itself
+    assert "would be the output dataset /s0 itself" in raw_is_output and "unsegmented_dataset" in raw_is_output
     assert n5 == {"id": "out_s0", "tiff": "", "host": [str(big), "/c1/s0", "/o/out.n5", "/s0"]}
     assert zarr["tiff"] == "" and zarr["host"][:2] == [str(tmp_path / "in.zarr"), "raw"]
     assert tiffs == {"id": "out_s0", "tiff": str(tmp_path / "tiff"), "host": ["/o/out.n5", "/raw/s0", "/o/out.n5", "/s0"]}
@@ -581,7 +592,7 @@ def test_facade_and_subworkflow_functions(tmp_path):
         "--input_name_pattern 'slice_*.tiff' --chunks 250,250,250 --subvol 0,0,0,250,250,250 --compression raw --overwrite",
         {"cpus": 24, "memory": "126 G", "container": ""},
     ]
-    host_example, binary, sizes, blocks, scaling_jobs, means, orders = results[13:]
+    host_example, binary, sizes, blocks, scaling_jobs, means, orders = results[16:]
     assert host_example == [
         "--partition_size 250 --partial_volume 0,0,0,250,250,250 --scaling_tiles 0 --scaling_fraction 0.1 "
         "--scaling_partition_size 396,396,396 --max_scaling_tiles_per_job 40",
