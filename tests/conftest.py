@@ -43,3 +43,13 @@ def run_script(name: str, *args: str, check: bool = False, env: dict | None = No
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """What the image tests measured (build times, image sizes), at the end of the run."""
+    report = getattr(config, "_exllsm_image_report", None)
+    if not report:
+        return
+    terminalreporter.section("stage images")
+    for key, value in report.items():
+        terminalreporter.write_line(f"{key}: {value}")

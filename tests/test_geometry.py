@@ -193,7 +193,7 @@ def check_plan(plan, image):
         covered[block.slices(region.start)] += 1
         first = [s // c for s, c in zip(block.start, chunks)]
         last = [(e - 1) // c for e, c in zip(block.end, chunks)]
-        for chunk in itertools.product(*(range(f, l + 1) for f, l in zip(first, last))):
+        for chunk in itertools.product(*(range(f, la + 1) for f, la in zip(first, last))):
             assert owner.setdefault(chunk, i) == i, f"chunk {chunk} is written by blocks {owner[chunk]} and {i}"
     assert (covered == 1).all()  # the blocks tile the region exactly
     assert list(plan.blocks) == sorted(plan.blocks, key=lambda b: b.start[::-1])  # x fastest, then y, then z

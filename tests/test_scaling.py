@@ -74,7 +74,7 @@ def test_scaling_factor_cli(synthetic_n5, tmp_path):
     args = ("-i", path, "-d", "/c1/s0", "-n", "3", "--partition_size", "64,64,64", "--seed", "7")
     first = run_script("scaling_factor.py", *args, "--scaling_plots_dir", plots, check=True)
     second = run_script("scaling_factor.py", *args, check=True)
-    line = [l for l in first.stdout.splitlines() if l.startswith("Calculated a scaling factor of")]
+    line = [text for text in first.stdout.splitlines() if text.startswith("Calculated a scaling factor of")]
     assert len(line) == 1 and line[0].endswith("/27 tiles")
     value = float(line[0].split(" ")[5])  # the host's `cut -d ' ' -f6`
     assert 1e-4 < value < 1e-2
