@@ -4,12 +4,15 @@
 The host pipeline's tif_to_n5 command line works unchanged (-i -o -d -c --input_name_pattern
 --subvol --compression; --distributed and --workers are accepted). Slices are sorted by the integer
 that ends the file name: 2.tif before 12.tif, slice_0002.tif before slice_0012.tif; a name without a
-trailing integer, two different name prefixes, or one index twice is an error. A single multi-page
-(Big)TIFF, given as -i or alone in the folder, is a z stack. The N5 blockSize is -c as given, x,y,z.
+trailing integer, two different name prefixes, or one index twice is an error; gaps in the indices
+are stacked as consecutive z, with a warning. A single multi-page (Big)TIFF, given as -i or alone in
+the folder, is a z stack. The N5 blockSize is -c as given, x,y,z.
+
 Every slice header is checked before anything is written; the dataset is written under a temporary
 name and renamed into place when complete. A re-run of the same conversion (same files, sizes,
 mtimes, chunks, compression, subvolume) is skipped; another dataset at the target is replaced only
-with --overwrite. The voxel size of ImageJ-calibrated TIFFs becomes N5 pixelResolution.
+with --overwrite. A target that is the input folder, holds the input or lies inside it is refused.
+The voxel size of ImageJ-calibrated TIFFs becomes N5 pixelResolution.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ HELP = "\n\n".join(" ".join(paragraph.split()) for paragraph in __doc__.strip().
 
 def tiff_to_n5(
     input: str = typer.Option(..., "-i", "--input", help="Folder of TIFF slices, or one multi-page TIFF file."),
-    input_name_pattern: str = typer.Option("*.tif", "--input_name_pattern", "--input-name-pattern", help="Slice file names in the folder (glob)."),
+    input_name_pattern: str = typer.Option("*.tif", "--input_name_pattern", "--input-name-pattern", help="Slice file names in the folder: a glob without '/'."),
     output: str = typer.Option(..., "-o", "--output", help="Output container (created if missing; N5 unless named *.zarr)."),
     dataset: str = typer.Option("/s0", "-d", "--data_set", "--dataset", "--output_data_set", "--output-dataset", help="Output dataset path."),
     chunks: str = typer.Option("512,512,512", "-c", "--chunk_size", "--chunk-size", "--chunks", "--block_size", help="Chunk size (N5 blockSize) x,y,z; one number means cubic."),

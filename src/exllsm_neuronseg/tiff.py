@@ -6,7 +6,8 @@ and these differences on purpose:
 * **Slice order.** Slices are sorted by the integer at the end of the file name's stem: ``2.tif``
   before ``12.tif``, and ``slice_0002.tif`` before ``slice_0012.tif``. The host sorts by
   ``int(stem)``, which this extends to names with a common prefix; a stem without a trailing integer,
-  two different prefixes, or one index twice is an error naming the files.
+  two different prefixes, or one index twice is an error naming the files. Gaps in the indices
+  (0, 1, 5, 9) are stacked as consecutive z, as the host does, with one warning.
 * **Axis order.** The N5 ``blockSize`` is the chunk size as given, x,y,z (the host handed it to zarr
   in z,y,x order, so an anisotropic block size landed reversed).
 * **Memory.** Each output chunk reads only the part of each slice it needs: uncompressed slices
@@ -17,8 +18,8 @@ and these differences on purpose:
   is checked before anything is created; the dataset is written under a temporary sibling name in
   the container and renamed into place when complete, so the target path never holds a partial
   conversion. The dataset records its source (a digest of the file names, sizes and mtimes), chunks,
-  compression and region; a re-run of the same conversion is skipped, anything else at the target
-  is replaced only when asked to.
+  compression and region; a re-run of the same conversion is skipped, another dataset at the target
+  is replaced only when asked to, and a target that is the input, holds it or lies inside it never.
 * **Voxel size.** ImageJ-calibrated TIFFs (``unit`` and ``spacing`` in the ImageJ description,
   X/YResolution tags) give N5 ``pixelResolution`` ``{"dimensions": [x,y,z], "unit": ...}`` and
   ``resolution`` [x,y,z].
@@ -26,15 +27,16 @@ and these differences on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
-import json
 import logging
 import math
 import os
 import re
 import shutil
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -44,10 +46,12 @@ from pathlib import Path
 import numpy as np
 
 from . import codecs
-from .errors import GeometryError, NeuronSegError, OutputError, OutputExistsError, TiffError
-from .geometry import XYZ, Box, format_xyz
+from .errors import NeuronSegError, OutputError, OutputExistsError, TiffError, VolumeError
+from .geometry import XYZ, Box, format_xyz, parse_xyz, processed_region
 from .volume import (
     Volume,
+    _check_not_inside_an_array,
+    _discard_leftovers,
     create_volume,
     default_io_threads,
     discard_dataset,
@@ -69,6 +73,37 @@ COPIES_PER_CHUNK = 2.5
 ATTRIBUTE = "tiffToN5"  # the conversion record in the dataset's attributes.json
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")
 _SLICE_NAME = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)$")
+
+
+class _QuietTifffile:
+    """The 'tifffile' logger silenced while any thread reads TIFFs (counted, so that threads nest)."""
+
+    lock = threading.Lock()
+    users = 0
+    level = logging.NOTSET
+
+
+@contextlib.contextmanager
+def quiet_tifffile():
+    """Silence tifffile's log inside the block.
+
+    tifffile logs what it finds wrong in a file (``<tifffile.TiffPages @8> invalid offset ...``) as
+    well as raising; the :class:`TiffError` raised here names the file and that cause, so its log
+    would only repeat it on another line.
+    """
+    logger = logging.getLogger("tifffile")
+    with _QuietTifffile.lock:
+        if _QuietTifffile.users == 0:
+            _QuietTifffile.level = logger.level
+            logger.setLevel(logging.CRITICAL + 1)
+        _QuietTifffile.users += 1
+    try:
+        yield
+    finally:
+        with _QuietTifffile.lock:
+            _QuietTifffile.users -= 1
+            if _QuietTifffile.users == 0:
+                logger.setLevel(_QuietTifffile.level)
 
 
 @dataclass(frozen=True)
@@ -126,24 +161,25 @@ class TiffStack:
         ``(z1 - z0, y1 - y0, x1 - x0)``. Each strip or tile is decoded once for all of them.
         """
         handles: dict[int, object] = {}
-        try:
-            for z in range(z0, z1):
-                sl = self.slices[z]
-                if sl.file not in handles:
-                    if len(handles) > 4:  # series: one file per slice; keep only a few open
-                        for h in handles.values():
-                            h.close()  # type: ignore[attr-defined]
-                        handles.clear()
-                    handles[sl.file] = open(self.files[sl.file], "rb")  # noqa: SIM115 - closed below
-                try:
-                    self._read_rows(sl, handles[sl.file], y0, y1, [(a, b, out[z - z0]) for a, b, out in targets])
-                except MemoryError:
-                    raise
-                except Exception as exc:  # decoders of damaged data raise anything (zlib.error, ...)
-                    raise TiffError(f"{self.files[sl.file]}: cannot read slice z={z} ({type(exc).__name__}: {exc})") from exc
-        finally:
-            for h in handles.values():
-                h.close()  # type: ignore[attr-defined]
+        with quiet_tifffile():
+            try:
+                for z in range(z0, z1):
+                    sl = self.slices[z]
+                    if sl.file not in handles:
+                        if len(handles) > 4:  # series: one file per slice; keep only a few open
+                            for h in handles.values():
+                                h.close()  # type: ignore[attr-defined]
+                            handles.clear()
+                        handles[sl.file] = open(self.files[sl.file], "rb")  # noqa: SIM115 - closed below
+                    try:
+                        self._read_rows(sl, handles[sl.file], y0, y1, [(a, b, out[z - z0]) for a, b, out in targets])
+                    except MemoryError:
+                        raise
+                    except Exception as exc:  # decoders of damaged data raise anything (zlib.error, ...)
+                        raise TiffError(f"{self.files[sl.file]}: cannot read slice z={z} ({type(exc).__name__}: {exc})") from exc
+            finally:
+                for h in handles.values():
+                    h.close()  # type: ignore[attr-defined]
 
     def _read_rows(self, sl: _Slice, fh, y0: int, y1: int, targets: list[tuple[int, int, np.ndarray]]) -> None:
         layout: _Layout = self.layouts[sl.layout]
@@ -208,9 +244,12 @@ def find_tiffs(input: str | Path, pattern: str = DEFAULT_PATTERN) -> list[Path]:
 
     Slices are sorted by the integer that ends their stem (``2.tif`` < ``12.tif``,
     ``slice_0002.tif`` < ``slice_0012.tif``). A folder with one matching file is that file
-    (multi-page or not). Raises :class:`TiffError` for a missing input, no match, a stem without
-    a trailing integer, different prefixes or a repeated index.
+    (multi-page or not). Indices with gaps (0, 1, 5, 9) are stacked as consecutive z, with one
+    warning naming the first gap. Raises :class:`TiffError` for a pattern that is not a glob of file
+    names, a missing input, no match, a stem without a trailing integer, different prefixes or a
+    repeated index.
     """
+    check_pattern(pattern)
     path = Path(input)
     if path.is_file():
         return [path]
@@ -247,7 +286,30 @@ def find_tiffs(input: str | Path, pattern: str = DEFAULT_PATTERN) -> list[Path]:
     for (_, i, a), (_, j, b) in itertools.pairwise(keyed):
         if i == j:
             raise TiffError(f"slices {a} and {b.name} have the same z index {i}")
+    _warn_about_gaps(keyed)
     return [f for _, _, f in keyed]
+
+
+def check_pattern(pattern: str) -> None:
+    """A slice pattern is a non-empty relative glob of file names in the input folder (no '/')."""
+    if not isinstance(pattern, str) or not pattern or "/" in pattern or os.sep in pattern:
+        raise TiffError(
+            f"file name pattern {pattern!r} cannot select slices: it must be a non-empty glob of file names "
+            "inside the input folder, without '/' (e.g. '*.tif' or 'slice_*.tiff')"
+        )
+
+
+def _warn_about_gaps(keyed: Sequence[tuple[str, int, Path]]) -> None:
+    """One warning when the sorted slice indices skip numbers (they are stacked as consecutive z)."""
+    missing = keyed[-1][1] - keyed[0][1] + 1 - len(keyed)
+    if missing <= 0:
+        return
+    (_, i, a), (_, j, b) = next(pair for pair in itertools.pairwise(keyed) if pair[1][1] - pair[0][1] > 1)
+    log.warning(
+        "slice indices are not consecutive: %s (index %d) is followed by %s (index %d), and %d of the indices "
+        "%d..%d %s missing; the %d slices are stacked as consecutive z",
+        a.name, i, b.name, j, missing, keyed[0][1], keyed[-1][1], "are" if missing != 1 else "is", len(keyed),
+    )
 
 
 def source_record(files: Sequence[Path]) -> dict:
@@ -275,7 +337,7 @@ def open_tiff_stack(input: str | Path, pattern: str = DEFAULT_PATTERN, files: Se
     voxel_size, unit = None, None
     for k, path in enumerate(files):
         try:
-            with tifffile.TiffFile(path) as tif:
+            with quiet_tifffile(), tifffile.TiffFile(path) as tif:
                 pages = _stack_pages(tif, path, single=len(files) == 1)
                 size = path.stat().st_size
                 for offsets, counts, keyframe in pages:
@@ -420,41 +482,6 @@ def _voxel_size(tif, page) -> tuple[tuple[float, float, float] | None, str | Non
 # ---- the conversion --------------------------------------------------------------------------
 
 
-def parse_subvol(text: str | Sequence[int] | None) -> tuple[XYZ, XYZ] | None:
-    """``x0,y0,z0,dx,dy,dz`` -> (start, size); None or '' -> None."""
-    if text is None or text == "":
-        return None
-    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise GeometryError(f"subvolume {text!r} is not x0,y0,z0,dx,dy,dz with integer values") from None
-    if len(values) != 6:
-        raise GeometryError(f"subvolume {text!r} must have 6 values x0,y0,z0,dx,dy,dz, got {len(values)}")
-    start, size = tuple(values[:3]), tuple(values[3:])
-    if any(s < 1 for s in size):
-        raise GeometryError(f"subvolume size {format_xyz(size)} must be >= 1 on every axis")
-    return start, size  # type: ignore[return-value]
-
-
-def subvol_region(subvol: tuple[XYZ, XYZ] | None, shape: XYZ) -> Box:
-    """The region a subvolume (start, size) covers, clipped to the image; the whole image for None."""
-    image = Box((0, 0, 0), shape)
-    if subvol is None:
-        return image
-    start, size = subvol
-    if any(s < 0 or s >= n for s, n in zip(start, shape, strict=True)):
-        raise GeometryError(
-            f"subvolume start {format_xyz(start)} lies outside the image 0,0,0..{format_xyz(shape)} "
-            f"(allowed 0 <= start < shape on every axis)"
-        )
-    wanted = Box(start, tuple(s + d for s, d in zip(start, size, strict=True)))  # type: ignore[arg-type]
-    region = wanted.intersect(image)
-    if region != wanted:
-        log.info("subvolume %s clipped to the image: %s", wanted, region)
-    return region
-
-
 def chunk_boxes(region: Box, chunks: XYZ, shape: XYZ) -> list[Box]:
     """The chunks (cut at the image edge) that meet ``region``, in storage order (x fastest)."""
     ranges = [range(s // c, -(-e // c)) for s, e, c in zip(region.start, region.end, chunks, strict=True)]
@@ -468,36 +495,71 @@ def chunk_boxes(region: Box, chunks: XYZ, shape: XYZ) -> list[Box]:
     return boxes
 
 
+def subvol_record(region: Box, shape: XYZ) -> list[int] | None:
+    """The region written, as the record keeps it: x0,y0,z0,dx,dy,dz; None for the whole image."""
+    return None if region == Box((0, 0, 0), shape) else [*region.start, *region.shape]
+
+
 def _temporary_name(dataset: str) -> str:
     parent, _, leaf = dataset.rpartition("/")
     return f"{parent}/.{leaf}.tiff_to_n5.partial" if parent else f".{leaf}.tiff_to_n5.partial"
 
 
-def _existing_record(container: str, dataset: str) -> tuple[bool, dict | None]:
-    """(exists, its conversion record) for the target path."""
+def _check_apart_from_input(input: str | Path, container: str, paths: Sequence[str]) -> None:
+    """Refuse output paths (the target dataset, its temporary) that are the TIFF input, contain it or
+    lie inside it, links resolved: replacing or discarding them would delete the source files."""
+    source = Path(input).resolve()
+    for name in paths:
+        target = (Path(container) / name).resolve()
+        if target == source:
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise OutputError(
+            f"output dataset {container}:/{name} ({target}) {relation} the TIFF input {source}: writing it could "
+            "delete the TIFF files; the output dataset must be a directory apart from the input, neither it, "
+            "inside it nor containing it"
+        )
+
+
+def _existing(container: str, dataset: str) -> tuple[bool, Volume | None]:
+    """(something is at the target path, the 3-D dataset there or None when it is not one)."""
     path = Path(container) / dataset
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return False, None
     try:
-        attrs = json.loads((path / "attributes.json").read_text())
-    except (OSError, ValueError):
+        return True, open_volume(container, dataset)
+    except VolumeError:
         return True, None
-    record = attrs.get(ATTRIBUTE) if isinstance(attrs, dict) else None
-    return True, record if isinstance(record, dict) else None
+
+
+def _record_of(volume: Volume | None) -> dict | None:
+    """The conversion record of a dataset (N5 attributes.json or zarr .zattrs); None if it has none."""
+    if volume is None:
+        return None
+    try:
+        record = volume.array.attrs.get(ATTRIBUTE)  # type: ignore[attr-defined]
+    except (OSError, ValueError, KeyError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _replace(container: str, temporary: str, dataset: str) -> None:
-    """Rename the finished temporary dataset to the target path (replacing what is there)."""
+    """Move the finished temporary dataset to the target path, replacing the dataset there.
+
+    The old dataset is discarded first (:func:`volume.discard_dataset`: renamed away in one step,
+    then deleted), then the temporary is renamed into place. Killed in between, the target holds no
+    dataset and the next run converts again (discarding the temporary it finds).
+    """
     src, dst = Path(container) / temporary, Path(container) / dataset
-    old = dst.with_name(f".{dst.name}.tiff_to_n5.replaced")
-    if old.exists():  # left by a conversion killed between the two renames
-        shutil.rmtree(old)
+    _discard_leftovers(dst)  # of a replacement killed while deleting
     if dst.exists():
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.rename(src, dst)
+        discard_dataset(dst)
+    os.rename(src, dst)
 
 
 def tiff_to_n5(
@@ -506,7 +568,7 @@ def tiff_to_n5(
     dataset: str = "s0",
     chunks: XYZ = DEFAULT_CHUNKS,
     pattern: str = DEFAULT_PATTERN,
-    subvol: str | tuple[XYZ, XYZ] | None = None,
+    subvol: str | Sequence[int] | None = None,
     compression: str = "gzip",
     compression_level: int | None = None,
     overwrite: bool = False,
@@ -519,11 +581,15 @@ def tiff_to_n5(
     Args:
         input: a folder of z slices (files matching ``pattern``) or one multi-page TIFF file.
         container, dataset: the output, created if missing (N5 unless the container is named *.zarr).
+            The dataset directory must not be the input, contain it or lie inside it.
         chunks: the chunk size (N5 ``blockSize``), x,y,z.
-        subvol: ``"x0,y0,z0,dx,dy,dz"`` (or (start, size)): the full-size dataset is created but only
-            this region (clipped to the image) is written, as the host does; it must start inside.
+        pattern: a glob of file names in the input folder (no '/').
+        subvol: ``"x0,y0,z0,dx,dy,dz"`` (or those 6 integers; :func:`geometry.processed_region`): the
+            full-size dataset is created but only this region (clipped to the image) is written, as
+            the host does; it must start inside.
         compression, compression_level: an N5 compression name and level (:func:`codecs.compressor`).
-        overwrite: replace a target dataset that is not this very conversion.
+        overwrite: replace a target dataset that is not this very conversion (a group or anything
+            that is not a 3-D dataset is never replaced).
         threads: chunk reading/encoding threads (default: :func:`volume.default_io_threads`).
         memory_limit: bytes for the chunks in flight (``COPIES_PER_CHUNK`` chunk sizes for each one
             being encoded, one for each read ahead); at least one chunk is always in flight.
@@ -534,47 +600,56 @@ def tiff_to_n5(
         A :class:`TiffConversion`; ``skipped`` when the target already holds this conversion.
 
     Raises:
-        TiffError, GeometryError, CompressionError: bad input (nothing is created);
+        TiffError, GeometryError, CompressionError, VolumeError: bad input (nothing is created);
         OutputExistsError: the target exists and is another conversion, and ``overwrite`` is false;
-        OutputError: the output cannot be written.
+        OutputError: the target is (or holds, or lies in) the input, is not a dataset, lies inside
+            another dataset, or cannot be written.
     """
     from zarr.n5 import compressor_config_to_n5
 
     t0 = time.perf_counter()
     codec = codecs.compressor(compression, compression_level)
-    chunks = tuple(int(c) for c in chunks)  # type: ignore[assignment]
-    if len(chunks) != 3 or any(c < 1 for c in chunks):
-        raise GeometryError(f"chunk size {chunks} must be 3 values x,y,z >= 1")
-    subvolume = parse_subvol(subvol) if isinstance(subvol, str) or subvol is None else subvol
+    chunks = parse_xyz(chunks, "chunk size", minimum=1)
     container, dataset = str(container), normalise_dataset_path(dataset)
     if not dataset:
         raise OutputError("an output dataset path inside the container is required (e.g. /s0)")
     files = find_tiffs(input, pattern)
+    temporary = _temporary_name(dataset)
+    _check_apart_from_input(input, container, (dataset, temporary))
+    _check_not_inside_an_array(container, dataset)
     record = {
         "input": str(Path(input).resolve()),
         "pattern": pattern,
         **source_record(files),
         "blockSize": list(chunks),
         "compression": compressor_config_to_n5(codec.get_config() if codec else None),
-        "subvol": [*subvolume[0], *subvolume[1]] if subvolume else None,
     }
-    exists, existing = _existing_record(container, dataset)
-    if exists and existing == record:
-        volume = open_volume(container, dataset)
-        log.info("%s is already this conversion of %d TIFF files: nothing to do", volume, len(files))
-        return TiffConversion(volume, len(files), None, skipped=True, seconds=time.perf_counter() - t0)
-    if exists and not overwrite:
-        why = "was converted with other settings or from other files" if existing else "was not made by this conversion"
-        raise OutputExistsError(f"{container}:/{dataset} already exists and {why}; replace it explicitly or choose another dataset")
+    exists, target = _existing(container, dataset)
+    existing = _record_of(target)
+    if target is not None and existing is not None and {k: v for k, v in existing.items() if k != "subvol"} == record:
+        # the same files: the dataset has the image's shape, so the region can be found without the headers
+        if existing.get("subvol") == subvol_record(processed_region(subvol, target.shape), target.shape):
+            log.info("%s is already this conversion of %d TIFF files: nothing to do", target, len(files))
+            return TiffConversion(target, len(files), None, skipped=True, seconds=time.perf_counter() - t0)
 
     stack = open_tiff_stack(input, files=files)
-    region = subvol_region(subvolume, stack.shape)
-    boxes = chunk_boxes(region, chunks, stack.shape)  # type: ignore[arg-type]
-    temporary = _temporary_name(dataset)
+    region = processed_region(subvol, stack.shape)
+    record["subvol"] = subvol_record(region, stack.shape)
+    if exists:
+        where = f"{container}:/{dataset}"
+        if target is None or Path(container, dataset).is_symlink():
+            raise OutputError(
+                f"{where} exists and is not a 3-D dataset (a group, a link or another folder): it is never "
+                "replaced; choose another dataset path"
+            )
+        if not overwrite:
+            why = "was converted with other settings or from other files" if existing else "was not made by this conversion"
+            raise OutputExistsError(f"{where} already exists and {why}; replace it explicitly or choose another dataset")
+    boxes = chunk_boxes(region, chunks, stack.shape)
     if (Path(container) / temporary).exists():  # a leftover of a killed conversion: never reused
         discard_dataset(Path(container) / temporary)
     volume = create_volume(
-        container, temporary, stack.shape, chunks, stack.dtype,  # type: ignore[arg-type]
+        container, temporary, stack.shape, chunks, stack.dtype,
         attributes=stack.resolution_attributes(), compression=compression, compression_level=compression_level,
     )
     log.info(
