@@ -50,11 +50,11 @@ from .errors import NeuronSegError, OutputError, OutputExistsError, TiffError, V
 from .geometry import XYZ, Box, format_xyz, parse_xyz, processed_region
 from .volume import (
     Volume,
-    _check_not_inside_an_array,
-    _discard_leftovers,
+    check_not_inside_a_dataset,
     create_volume,
     default_io_threads,
     discard_dataset,
+    discard_leftovers,
     io_executor,
     normalise_dataset_path,
     open_volume,
@@ -556,7 +556,7 @@ def _replace(container: str, temporary: str, dataset: str) -> None:
     dataset and the next run converts again (discarding the temporary it finds).
     """
     src, dst = Path(container) / temporary, Path(container) / dataset
-    _discard_leftovers(dst)  # of a replacement killed while deleting
+    discard_leftovers(dst)  # of a replacement killed while deleting
     if dst.exists():
         discard_dataset(dst)
     os.rename(src, dst)
@@ -616,7 +616,7 @@ def tiff_to_n5(
     files = find_tiffs(input, pattern)
     temporary = _temporary_name(dataset)
     _check_apart_from_input(input, container, (dataset, temporary))
-    _check_not_inside_an_array(container, dataset)
+    check_not_inside_a_dataset(container, dataset)
     record = {
         "input": str(Path(input).resolve()),
         "pattern": pattern,

@@ -361,7 +361,7 @@ def create_volume(
             store = zarr.DirectoryStore(container)
         else:
             store = _n5_store(container)
-        _check_not_inside_an_array(container, dataset)
+        check_not_inside_a_dataset(container, dataset)
         root = zarr.open_group(store=store, mode="a")
         if dataset in root:
             existing = root[dataset]
@@ -389,7 +389,7 @@ def create_volume(
                     f"chunks {format_xyz(chunks)}, {dtype}; replace it explicitly or choose another dataset"
                 )
             discard_dataset(Path(container) / dataset)
-        _discard_leftovers(Path(container) / dataset)
+        discard_leftovers(Path(container) / dataset)
         array = root.create_dataset(
             dataset,
             shape=tuple(reversed(shape)),
@@ -417,13 +417,13 @@ def discard_dataset(path: Path) -> None:
     shutil.rmtree(trash)
 
 
-def _discard_leftovers(path: Path) -> None:
+def discard_leftovers(path: Path) -> None:
     """Delete what a replacement killed between its rename and its deletion left behind."""
     for leftover in path.parent.glob(f".{path.name}.replaced-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _check_not_inside_an_array(container: str, dataset: str) -> None:
+def check_not_inside_a_dataset(container: str, dataset: str) -> None:
     """A dataset cannot be created below another dataset (its chunks live there)."""
     parts = dataset.split("/")
     for i in range(1, len(parts)):
