@@ -93,8 +93,11 @@ def test_a_folder_with_one_multipage_file(image, tmp_path):
         {"compression": "zlib", "tile": (16, 16)},
         {"byteorder": ">"},  # big-endian, read in place
         {"rowsperstrip": 4},  # several contiguous uncompressed strips, read in place
+        {"compression": "lzw", "rowsperstrip": 8},  # LZW (imagecodecs, in the tiff extra)
+        {"compression": "lzw", "predictor": True, "tile": (16, 16)},
+        {"compression": "zstd", "rowsperstrip": 8},
     ],
-    ids=["zlib", "zlib-predictor", "tiled", "tiled-zlib", "big-endian", "strips"],
+    ids=["zlib", "zlib-predictor", "tiled", "tiled-zlib", "big-endian", "strips", "lzw", "lzw-predictor-tiled", "zstd"],
 )
 def test_compressed_tiled_and_big_endian_input(image, tmp_path, kwargs):
     write_series(tmp_path / "slices", image, **kwargs)
