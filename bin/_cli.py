@@ -62,12 +62,22 @@ def app_for(command: Callable, help_text: str) -> typer.Typer:
 
 
 def run(app: typer.Typer) -> None:
+    """Run a script's app: a library error, and typer's own parameter errors (a bad or missing value,
+    an unknown flag), become one ``error:`` line on stderr and exit status 2."""
+    from typer.exceptions import Abort, TyperException
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        app()
+        status = app(standalone_mode=False)
     except NeuronSegError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except TyperException as exc:  # a bad, missing or unknown option (typer's usage errors)
+        typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(2)
+    except Abort:
+        sys.exit(130)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 class Progress:

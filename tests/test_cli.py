@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SCALING, run_script
+from conftest import BIN, SCALING, run_script
 
 from exllsm_neuronseg.volume import create_volume, open_volume
 
@@ -87,6 +87,30 @@ def test_help_and_version_are_instant():
         proc = run_script(script, "--help", check=True)
         assert time.perf_counter() - t < 5 and "Usage" in proc.stdout
         assert "exllsm-neuronseg" in run_script(script, "--version", check=True).stdout
+
+
+STAGE_SCRIPTS = sorted(p.name for p in BIN.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("script", STAGE_SCRIPTS)
+def test_parameter_errors_are_one_line(script):
+    """typer's own errors (an unknown flag, a missing value) are one `error:` line and exit 2, like the
+    library's, in every stage script."""
+    for args, message in (
+        (["--no-such-flag"], "No such option: --no-such-flag"),
+        (["--version", "--help", "--input"], "requires an argument"),
+    ):
+        proc = run_script(script, *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (script, proc.stderr)
+        assert message in lines[0] or "No such option: --input" in lines[0], (script, lines)
+
+
+def test_range_errors_are_one_line():
+    proc = run_script("segment_volume.py", "-i", "x", "-o", "y", "-m", "z", "--io-threads", "0")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: Invalid value for '--io-threads': Input should be greater than or equal to 1"
+    ), proc.stderr
 
 
 BAD_SEGMENT_INPUTS = {
