@@ -61,12 +61,24 @@ def app_for(command: Callable, help_text: str) -> typer.Typer:
     return app
 
 
+def warn_if_root_in_image() -> None:
+    """Inside a stage image (EXLLSM_IMAGE is set there) as root, what the stage writes belongs to
+    root on the host, and a later run as the user cannot replace it: say so before writing."""
+    if os.environ.get("EXLLSM_IMAGE") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        logging.getLogger("exllsm").warning(
+            "warning: running as root in the %s image: what this writes will belong to root, and later runs "
+            'as another user cannot replace it; run the container with -u "$(id -u):$(id -g)"',
+            os.environ["EXLLSM_IMAGE"],
+        )
+
+
 def run(app: typer.Typer) -> None:
     """Run a script's app: a library error, and typer's own parameter errors (a bad or missing value,
     an unknown flag), become one ``error:`` line on stderr and exit status 2."""
     from typer.exceptions import Abort, TyperException
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    warn_if_root_in_image()
     try:
         status = app(standalone_mode=False)
     except NeuronSegError as exc:

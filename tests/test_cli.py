@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -104,6 +105,17 @@ def test_parameter_errors_are_one_line(script):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (script, proc.stderr)
         assert message in lines[0] or "No such option: --input" in lines[0], (script, lines)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="the warning is for root; this runs as another user")
+def test_root_inside_an_image_is_warned_about():
+    """In a stage image (EXLLSM_IMAGE set) as root, files written belong to root on the host: the
+    stage says so before writing; outside an image (no EXLLSM_IMAGE) nothing is said."""
+    inside = run_script("plan_blocks.py", "--version", env={"EXLLSM_IMAGE": "exllsm-create-volume"})
+    assert inside.returncode == 0 and "running as root in the exllsm-create-volume image" in inside.stderr
+    assert '-u "$(id -u):$(id -g)"' in inside.stderr
+    outside = run_script("plan_blocks.py", "--version", env={"EXLLSM_IMAGE": ""})
+    assert outside.returncode == 0 and outside.stderr == ""
 
 
 def test_range_errors_are_one_line():

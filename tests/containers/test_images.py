@@ -433,6 +433,14 @@ def test_stages_run_as_documented(images, tmp_path):
     # everything the containers wrote belongs to the user they ran as
     assert not _owned_by_user(data), _owned_by_user(data)[:20]
 
+    # a run without -u (as root) says, before it writes, that its output will belong to root
+    as_root = tmp_path / "as-root"
+    as_root.mkdir()
+    proc = images.run(create, "create_volume.py", "-i", "/data/sample.n5", "-id", "/c1/s0", "-o", "/out/seg.n5",
+                      mounts=(f"{data}:/data", f"{as_root}:/out"), user="0:0")  # fmt: skip
+    assert "warning: running as root in the exllsm-create-volume image" in proc.stderr, proc.stderr
+    assert '-u "$(id -u):$(id -g)"' in proc.stderr and (as_root / "seg.n5" / "s0").stat().st_uid == 0
+
 
 def test_training_image_trains_one_epoch(images, tmp_path):
     data = tmp_path / "data"
