@@ -87,9 +87,43 @@ def run(app: typer.Typer) -> None:
     except TyperException as exc:  # a bad, missing or unknown option (typer's usage errors)
         typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(2)
-    except Abort:
+    except Abort as exc:
+        if isinstance(exc.__cause__, EOFError):  # click turns an EOFError (truncated data) into Abort
+            typer.echo(f"error: unexpected end of data: {exc.__cause__}", err=True)
+            sys.exit(2)
         sys.exit(130)
+    except Exception as exc:  # a full or read-only disk, an unreadable file: one line too
+        error = os_error_behind(exc)
+        if error is None:
+            raise
+        typer.echo(f"error: {describe_os_error(error)}", err=True)
+        sys.exit(2)
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def os_error_behind(exc: BaseException | None) -> OSError | None:
+    """The OSError an exception is, or was explicitly raised from (``raise ... from``: zarr's stores
+    wrap a failed mkdir in KeyError); never one merely being handled when another error happened."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and (exc.errno is not None or exc.strerror):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return None
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a failed file operation: what failed, where, and what to do."""
+    import errno
+
+    where = f" ({os.fsdecode(error.filename)})" if error.filename is not None else ""
+    text = f"{error.strerror or error}{where}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{text}: the file system is full; free space there or write the output elsewhere, then run again"
+    if error.errno == errno.EROFS:
+        return f"{text}: the file system is read-only; write the output somewhere writable"
+    return text
 
 
 class Progress:

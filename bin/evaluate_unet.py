@@ -28,7 +28,7 @@ def evaluate_unet(
     occlusion_size: int = typer.Option(40, "--occlusion-size", min=1, help="Edge of the occluding cube."),
     n_examples: int = typer.Option(40, "--n-examples", help="Examples drawn at random (seeded); 0 = all."),
     keys_file: Optional[str] = typer.Option(None, "--keys-file", help="Evaluate these keys: a JSON list, or a training <name>_split.json (its validation keys)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the example choice and the occlusions."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the example choice and the occlusions."),
     visualization_interval: int = typer.Option(10, "--visualization-interval", min=0, help="Plot every n-th example (0: none)."),
     object_threshold: float = typer.Option(0.5, "--object-threshold", min=0.0, max=1.0, help="Probability above which voxels form predicted objects."),
     set_gpu_mem_growth: bool = typer.Option(False, "--set_gpu_mem_growth", "--set-gpu-mem-growth", help="Let TensorFlow grow GPU memory as needed."),

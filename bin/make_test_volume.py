@@ -18,7 +18,7 @@ def make_test_volume(
     shape: str = typer.Option("192,192,128", "--shape", help="Volume shape x,y,z."),
     chunks: str = typer.Option("64,64,64", "--chunks", help="Chunk size x,y,z."),
     label_dataset: Optional[str] = typer.Option(None, "--label-dataset", help="Also write the neuron label here."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed."),
     version: bool = VersionOption,
 ) -> None:
     from exllsm_neuronseg.geometry import parse_xyz

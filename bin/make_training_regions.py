@@ -20,7 +20,7 @@ def make_training_regions(
     shape: str = typer.Option("256,256,256", "--shape", help="Region shape x,y,z."),
     n_tubes: int = typer.Option(12, "--n-tubes", min=0, help="Neurite-like tubes per region (labelled)."),
     n_puncta: int = typer.Option(300, "--n-puncta", min=0, help="Puncta per region, as bright as the tubes (not labelled)."),
-    seed: int = typer.Option(0, "--seed", help="Region i uses seed + i."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Region i uses seed + i."),
     raw_dataset: str = typer.Option("t0/channel0", "--raw-dataset", help="Dataset of the raw image."),
     label_dataset: str = typer.Option("t0/channel2", "--label-dataset", help="Dataset of the ground truth."),
     version: bool = VersionOption,

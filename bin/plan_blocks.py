@@ -42,16 +42,22 @@ def plan_blocks(
     scaling = plan_scaling(
         volume.shape, scaling_tiles, scaling_fraction, scaling_partition_size, max_scaling_tiles_per_job, partial_volume
     )
+    for name in (output, scaling_output):
+        if not name.strip() or Path(name).is_dir():
+            raise OutputError(f"output file {name!r} is empty or a directory: give a file name, e.g. blocks.txt")
     if Path(output).resolve() == Path(scaling_output).resolve():
         raise OutputError(f"the blocks and the scaling jobs would both be written to {output}: give two files")
     lines = {
         Path(output): [format_xyz(b.start + b.end) for b in blocks.blocks],
         Path(scaling_output): [f"{format_xyz(j.start + j.end)} {scaling.fraction!r}" for j in scaling.jobs],
     }
-    for path, text in lines.items():
+    for path, text in lines.items():  # each file whole or not at all (a full disk leaves no short list)
+        temporary = path.with_name(path.name + ".partial")
         try:
-            path.write_text("".join(line + "\n" for line in text))
+            temporary.write_text("".join(line + "\n" for line in text))
+            temporary.replace(path)
         except OSError as exc:
+            temporary.unlink(missing_ok=True)
             raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
     jobs = f"{len(scaling.jobs)} scaling jobs"
     if scaling.active:

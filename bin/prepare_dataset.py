@@ -31,7 +31,7 @@ def prepare_dataset(
     threshold: float = typer.Option(0.001, "--threshold", min=0.0, help="Foreground fraction above which a tile counts as 'high'."),
     tile_input_shape: str = typer.Option("220,220,220", "--tile-input-shape", "--model_input_size", help="Stored example (model input) shape x,y,z."),
     tile_output_shape: str = typer.Option("132,132,132", "--tile-output-shape", "--model_output_size", help="Tile stride / model output shape x,y,z."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (a random one is chosen and printed if omitted)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (a random one is chosen and printed if omitted)."),
     version: bool = VersionOption,
 ) -> None:
     from exllsm_neuronseg.geometry import parse_xyz

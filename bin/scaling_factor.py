@@ -26,7 +26,7 @@ def scaling_factor(
     scaling_plots_dir: Optional[Path] = typer.Option(None, "--scaling_plots_dir", "--scaling-plots-dir", help="Write one fit plot per tile here."),
     start: Optional[str] = typer.Option(None, "--start", help="Region start x,y,z (default 0,0,0)."),
     end: Optional[str] = typer.Option(None, "--end", help="Region end x,y,z, exclusive (default: image shape)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the tile choice (reproducible runs)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of the tile choice (reproducible runs)."),
     version: bool = VersionOption,
 ) -> None:
     import time
@@ -39,8 +39,8 @@ def scaling_factor(
     volume = open_volume(input, data_set)
     typer.echo(f"Read image {volume.container} {data_set} of size ({format_xyz(volume.shape)})")
     region = check_block(
-        parse_xyz(start, "--start") if start else (0, 0, 0),
-        parse_xyz(end, "--end") if end else volume.shape,
+        parse_xyz(start, "--start") if start is not None else (0, 0, 0),  # "" is an error, not a default
+        parse_xyz(end, "--end") if end is not None else volume.shape,
         volume.shape,
     )
     tiles = rectangular_tiles(region.start, region.end, parse_xyz(partition_size, "--partition_size", minimum=1))
@@ -50,7 +50,7 @@ def scaling_factor(
         scaling_plots_dir.mkdir(parents=True, exist_ok=True)
     result = sample_scaling(
         tiles,
-        volume.read,
+        volume.read_finite,  # NaN or infinite voxels are an error, not a skewed histogram
         chosen,
         plot_path=(lambda t: scaling_plots_dir / f"{t.start[0]}_{t.start[1]}_{t.start[2]}_expFit.png")
         if scaling_plots_dir

@@ -20,23 +20,23 @@ def segment_volume(
     output_dataset: str = typer.Option("/s0", "-od", "--output_data_set", "--output-dataset", help="Dataset path inside the output container."),
     model_path: str = typer.Option(..., "-m", "--model_path", "--model", help="U-Net model file (.h5)."),
     scaling: float | None = typer.Option(None, "-s", "--scaling", help="Intensity scaling factor (from scaling_factor.py). Without it the block computes its own, which makes seams."),
-    start: str | None = typer.Option(None, "--start", help="Block start x,y,z (inclusive). Default 0,0,0."),
+    start: str | None = typer.Option(None, "--start", help="Block start x,y,z (inclusive). Default 0,0,0 (an empty value is an error)."),
     end: str | None = typer.Option(None, "--end", help="Block end x,y,z (exclusive). Default: the image shape."),
     image_shape: str | None = typer.Option(None, "--image_shape", "--image-shape", help="Volume shape x,y,z; read from the data, checked if given."),
     model_input_shape: str | None = typer.Option(None, "--model_input_shape", "--model-input-shape", "--tile-shape", help="Tile input shape x,y,z (each edge s = 4 mod 8, s >= 92), or 'auto' (the default): 348,348,220 capped to the image, ~25% less work per voxel than 220^3. The result does not depend on it beyond float rounding."),
     model_output_shape: str | None = typer.Option(None, "--model_output_shape", "--model-output-shape", help="Tile output shape x,y,z (input - 88), or 'auto'; checked against the input shape if both are given."),
     set_gpu_mem_growth: bool = typer.Option(False, "--set_gpu_mem_growth", "--set-gpu-mem-growth", help="Let TensorFlow grow GPU memory as needed."),
-    with_post_processing: bool = typer.Option(False, "--with_post_processing", "--with-post-processing", help="Hysteresis, then small-object removal, inside this block."),
+    with_post_processing: bool = typer.Option(False, "--with_post_processing", "--with-post-processing", help="Hysteresis, then small-object removal, inside this block alone: objects cut by its borders are judged by their part in it, so the result depends on the block cut (a warning says so)."),
     as_binary_mask: bool = typer.Option(False, "--as_binary_mask", "--as-binary-mask", help="Write argmax 0/1 (uint8) instead of the probability."),
     unet_batch_size: int = typer.Option(1, "--unet_batch_size", "--unet-batch-size", "--batch-size", min=1, help="Accepted for the original's command line; tiles run one at a time (each is already a large batch of work)."),
-    high_threshold: float = typer.Option(0.98, "-ht", "--high_threshold", "--high-threshold", help="Hysteresis seed threshold."),
-    low_threshold: float = typer.Option(0.2, "-lt", "--low_threshold", "--low-threshold", help="Hysteresis grow threshold."),
-    small_region_probability_threshold: float = typer.Option(0.9, "--small_region_probability_threshold", "--small-region-probability-threshold", help="Binarisation threshold of the size filter."),
-    small_region_size_threshold: int = typer.Option(1000, "--small_region_size_threshold", "--small-region-size-threshold", help="Components with fewer voxels are removed."),
+    high_threshold: float = typer.Option(0.98, "-ht", "--high_threshold", "--high-threshold", help="Hysteresis seed threshold, in [0, 1] and >= the low threshold."),
+    low_threshold: float = typer.Option(0.2, "-lt", "--low_threshold", "--low-threshold", help="Hysteresis grow threshold, in [0, 1]."),
+    small_region_probability_threshold: float = typer.Option(0.9, "--small_region_probability_threshold", "--small-region-probability-threshold", help="Binarisation threshold of the size filter, in [0, 1]."),
+    small_region_size_threshold: int = typer.Option(1000, "--small_region_size_threshold", "--small-region-size-threshold", help="Components with fewer voxels are removed (>= 0)."),
     partial_volume: str | None = typer.Option(None, "--partial_volume", "--partial-volume", help="The processed region x0,y0,z0,dx,dy,dz (start and size, as the host pipeline gives it) this block was clipped to: the block may then start and end on the region's edges as well as on the output chunk grid."),
-    allow_unaligned: bool = typer.Option(False, "--allow-unaligned", help="Allow a block not aligned to the output chunk grid (only safe for a lone job)."),
+    allow_unaligned: bool = typer.Option(False, "--allow-unaligned", help="Allow a block not aligned to the output chunk grid. Such a block shares output chunks with its neighbours, so it holds an exclusive lock on the output (<output dataset>/.exllsm-unaligned.lock, flock) for its whole run: a second unaligned job on the same output stops at once with an error (exit 2) instead of running beside it; run unaligned blocks one after another, and not while aligned jobs write the same output."),
     redo: bool = typer.Option(False, "--redo", help="Segment even if the block's done marker says it is finished."),
-    io_threads: int | None = typer.Option(None, "--io-threads", min=1, help="Threads for chunk decoding and encoding (default: cores, 2..8)."),
+    io_threads: int | None = typer.Option(None, "--io-threads", min=1, help="Threads for chunk decoding and encoding (default: cores, 2..8; more than 4 per core or 64 in all are capped, with a note)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     version: bool = VersionOption,
 ) -> None:
@@ -50,8 +50,8 @@ def segment_volume(
     source = open_volume(input, input_dataset)
     if image_shape is not None and parse_xyz(image_shape, "--image_shape") != source.shape:
         fail(f"--image_shape {image_shape} disagrees with {source}, which has shape {format_xyz(source.shape)}")
-    block_start = parse_xyz(start, "--start") if start else (0, 0, 0)
-    block_end = parse_xyz(end, "--end") if end else source.shape
+    block_start = parse_xyz(start, "--start") if start is not None else (0, 0, 0)  # "" is an error, not a default
+    block_end = parse_xyz(end, "--end") if end is not None else source.shape
     region = processed_region(partial_volume, source.shape)  # the whole image without --partial_volume
     try:
         target = open_volume(output, output_dataset, mode="r+")
@@ -59,11 +59,9 @@ def segment_volume(
         fail(f"{exc}; create the output dataset first with create_volume.py")
     if set_gpu_mem_growth:
         set_gpu_memory_growth()
-    post = (
-        PostProcessing(high_threshold, low_threshold, small_region_probability_threshold, small_region_size_threshold)
-        if with_post_processing
-        else None
-    )
+    # checked whether or not post-processing is on: a bad threshold is a mistake either way
+    thresholds = PostProcessing(high_threshold, low_threshold, small_region_probability_threshold, small_region_size_threshold)
+    post = thresholds if with_post_processing else None
     tile_in = parse_xyz(model_input_shape, "--model_input_shape") if model_input_shape not in (None, "auto") else None
     tile_out = parse_xyz(model_output_shape, "--model_output_shape") if model_output_shape not in (None, "auto") else None
     bar = Progress("tile", total_voxels=float(np.prod(np.subtract(block_end, block_start))), enabled=progress)

@@ -34,7 +34,7 @@ def tiff_to_n5(
     compression: str = typer.Option("gzip", "--compression", "--n5_compression", help="N5 compression: gzip, raw, bzip2 (bz2), xz (lzma) or blosc."),
     compression_level: int | None = typer.Option(None, "--compression-level", "--compression_level", help="Codec level (default gzip 1, bzip2 9, xz 6, blosc 5; raw takes none)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a target dataset that is not this same conversion."),
-    io_threads: int | None = typer.Option(None, "--io-threads", "--io_threads", "--threads", "--workers", min=1, help="Threads reading and encoding chunks (default: CPUs, 2..8)."),
+    io_threads: int | None = typer.Option(None, "--io-threads", "--io_threads", "--threads", "--workers", min=1, help="Threads reading and encoding chunks (default: CPUs, 2..8; more than 4 per CPU or 64 in all are capped, with a note)."),
     memory_gb: float = typer.Option(1.5, "--memory-gb", "--memory_gb", min=0.0, help="Memory for chunks in flight, GB (one being encoded takes up to 2.5x its raw size); at least one chunk is always in flight."),
     distributed: bool = typer.Option(False, "--distributed", hidden=True, help="Accepted for the host's command line; the conversion runs on this machine."),
     no_progress: bool = typer.Option(False, "--no-progress", "--no_progress", help="No progress bar."),

@@ -44,7 +44,7 @@ def train_unet(
     learning_rate: float = typer.Option(1e-3, "--learning-rate", min=0.0, help="Adam learning rate."),
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", min=1, help="Steps per epoch (default: one pass over the training examples)."),
     parallel_calls: Optional[int] = typer.Option(None, "--parallel-calls", min=1, help="Examples read and augmented in parallel (default: autotune)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for split, initialisation and augmentation (random and printed if omitted; a resumed run reuses its own)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed for split, initialisation and augmentation (random and printed if omitted; a resumed run reuses its own)."),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="A per-step progress bar instead of one line per epoch."),
     version: bool = VersionOption,
 ) -> None:

@@ -24,7 +24,20 @@ class ModelError(NeuronSegError):
 
 
 class ScalingError(NeuronSegError, ValueError):
-    """An intensity scaling factor that cannot be used (NaN, infinite, not positive)."""
+    """An intensity scaling factor that cannot be used (NaN, infinite, not positive, or one that
+    overflows or underflows float32 on the input's values)."""
+
+
+class InputValueError(NeuronSegError, ValueError):
+    """Input voxels the model cannot take: NaN or infinite values in a float dataset."""
+
+
+class ChunkError(VolumeError):
+    """An input chunk file that cannot be read or decoded (truncated, garbage, unreadable)."""
+
+
+class ParameterError(NeuronSegError, ValueError):
+    """A numeric setting outside its allowed range (thresholds, sizes, seeds, thread counts)."""
 
 
 class OutputError(NeuronSegError):

@@ -6,9 +6,36 @@ flood-filling once per seed.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
+from .errors import ParameterError
+
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def check_thresholds(
+    high: float, low: float, probability_threshold: float, size_threshold: float
+) -> tuple[float, float, float, int]:
+    """Validate post-processing settings; the one check every caller uses.
+
+    Allowed: finite numbers with ``0 <= low <= high <= 1`` (hysteresis), ``0 <= probability_threshold
+    <= 1`` and a whole ``size_threshold >= 0`` (voxels).  A threshold above 1 would remove every
+    object (an all-zero mask), a negative one keep the whole background.  Returns the values as
+    ``(high, low, probability_threshold, size_threshold)``; raises :class:`ParameterError`.
+    """
+    values = {"high threshold": high, "low threshold": low, "small-region probability threshold": probability_threshold}
+    for name, value in values.items():
+        if not isinstance(value, numbers.Real) or not math.isfinite(value) or not 0 <= value <= 1:
+            raise ParameterError(f"{name} {value!r} must be a finite number in [0, 1]")
+    if low > high:
+        raise ParameterError(f"low threshold {low!r} is above the high threshold {high!r}: 0 <= low <= high <= 1 is required")
+    size_ok = isinstance(size_threshold, numbers.Real) and math.isfinite(size_threshold) and size_threshold == int(size_threshold)
+    if not size_ok or size_threshold < 0:
+        raise ParameterError(f"small-region size threshold {size_threshold!r} must be a whole number of voxels >= 0")
+    return float(high), float(low), float(probability_threshold), int(size_threshold)
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -62,6 +89,7 @@ def post_process(
     probability_threshold: float = 0.9,
     size_threshold: int = 1000,
 ) -> np.ndarray:
-    """Hysteresis, then small-object removal, in place."""
+    """Hysteresis, then small-object removal, in place (settings checked by :func:`check_thresholds`)."""
+    high, low, probability_threshold, size_threshold = check_thresholds(high, low, probability_threshold, size_threshold)
     hysteresis(prob, high, low)
     return remove_small_objects(prob, probability_threshold, size_threshold)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import ScalingError
+from .errors import OutputError, ParameterError, ScalingError
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,79 @@ def scaling_factor(x: np.ndarray, plot_file: str | Path | None = None) -> float:
     return fit.factor
 
 
-def check_scaling_factor(value: float) -> float:
-    """A factor must be a finite positive number; anything else would turn the image into NaN or 0."""
+FLOAT32 = np.finfo(np.float32)
+# The largest scaled intensity the model takes.  Its convolutions amplify their input: on the
+# synthetic test volume, scaled maxima of 3e34 still gave finite probabilities and 3e35 gave NaN
+# (float32 overflow inside the network), so finite scaled input is not enough.  1e30 leaves 3e4 of
+# headroom below that; real data is scaled to values of order 1-100 (the histogram decays 10x per 0.5).
+MAX_SCALED_INTENSITY = 1e30
+
+
+def check_scaling_factor(value: float, dtype: np.dtype | str | None = None) -> float:
+    """A factor must be a finite positive number that float32 holds, and one that keeps the input in
+    the range the model's float32 arithmetic takes: anything else turns the image into NaN, inf or 0
+    (all-background output).
+
+    The model scales in float32 (``float32(x) * float32(factor)``), so the factor must be a normal
+    float32 (``1.2e-38 <= factor <= 3.4e38``).  For an integer ``dtype`` the factor times the
+    dtype's largest magnitude (65535 for uint16) must stay within :data:`MAX_SCALED_INTENSITY`,
+    which then holds for every voxel: nothing is checked per voxel.  Float inputs can hold any
+    magnitude, so their scaled values are checked where each tile is read (:func:`check_scaled_values`).
+    Raises :class:`ScalingError`; returns the factor as a float.
+    """
     if value is None or not math.isfinite(value) or value <= 0:
         raise ScalingError(
             f"scaling factor {value} cannot be used: it must be a finite number > 0 "
             "(a featureless or all-dark region gives no histogram slope; pass -s with a global factor)"
         )
-    return float(value)
+    value = float(value)
+    with np.errstate(over="ignore", under="ignore"):
+        as_float32 = np.float32(value)
+    if not np.isfinite(as_float32) or as_float32 < FLOAT32.tiny:
+        raise ScalingError(
+            f"scaling factor {value!r} cannot be used: the model scales in float32, which holds factors from "
+            f"{FLOAT32.tiny:.4g} to {FLOAT32.max:.4g} (this one becomes {float(as_float32)!r})"
+        )
+    if dtype is not None and np.dtype(dtype).kind in "ui":
+        info = np.iinfo(np.dtype(dtype))
+        peak = max(abs(int(info.min)), int(info.max))
+        _check_scaled_peak(value, peak, f"{np.dtype(dtype)} input: its largest value {peak}", "allowed: ", FLOAT32.tiny)
+    return value
+
+
+def _check_scaled_peak(factor: float, peak: float, what: str, allowed: str, low: float | None = None) -> None:
+    with np.errstate(over="ignore"):
+        scaled = float(np.float32(peak) * np.float32(factor))  # what the model computes
+    if not scaled <= MAX_SCALED_INTENSITY:  # inf (float32 overflow) included
+        bounds = f"{low:.4g} <= factor <= " if low is not None else "factor <= "
+        raise ScalingError(
+            f"scaling factor {factor!r} cannot be used for {what} times the factor is {scaled:.4g}, beyond the "
+            f"{MAX_SCALED_INTENSITY:.0e} the model's float32 arithmetic takes (larger input overflows inside the "
+            f"network to NaN); {allowed}{bounds}{MAX_SCALED_INTENSITY / peak:.4g}"
+        )
+
+
+def check_scaled_values(data: np.ndarray, factor: float) -> bool:
+    """For float ``data``: whether every value is finite, and a :class:`ScalingError` when finite
+    values times ``factor`` exceed :data:`MAX_SCALED_INTENSITY` (or float32).
+
+    Integer data returns True without looking at it (:func:`check_scaling_factor` checked the
+    dtype's range).  Costs one min and one max over the data (no temporary arrays).
+    """
+    if data.dtype.kind != "f" or data.size == 0:
+        return True
+    lo, hi = data.min(), data.max()  # NaN propagates, inf shows
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return False
+    peak = max(-float(lo), float(hi))
+    if peak > float(FLOAT32.max):  # float64 input beyond float32: inf before any factor
+        raise ScalingError(
+            f"input value {peak:.6g} is beyond float32 (max {FLOAT32.max:.4g}), which the model computes in; "
+            "rescale the input"
+        )
+    if peak > 0:
+        _check_scaled_peak(factor, peak, f"this input: its value {peak:.6g}", "allowed here: ")
+    return True
 
 
 def plot_fit(fit: ScalingFit, path: str | Path, title: str | None = None) -> None:
@@ -106,8 +171,13 @@ def plot_fit(fit: ScalingFit, path: str | Path, title: str | None = None) -> Non
     ax.set_title(title or f"scaling factor {fit.factor:.6g}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=80)
+    except OSError as exc:  # a full or read-only disk: no half-written plot is left
+        Path(path).unlink(missing_ok=True)
+        raise OutputError(f"cannot write the scaling plot {path}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(fig)
 
 
 @dataclass
@@ -140,7 +210,17 @@ class VolumeScaling:
 
 
 def choose_tiles(total: int, n_tiles: int | None, fraction: float | None, seed: int | None) -> np.ndarray:
-    """Pick tile indices like the original: ``-n`` wins, else ``floor(min(p,1) * total)``."""
+    """Pick tile indices like the original: ``-n`` wins, else ``floor(min(p,1) * total)``.
+
+    ``n_tiles`` must be >= 0, ``fraction`` a finite number >= 0 and ``seed`` an integer >= 0
+    (numpy's seeds); :class:`ParameterError` otherwise.
+    """
+    if n_tiles is not None and n_tiles < 0:
+        raise ParameterError(f"number of tiles {n_tiles} must be >= 0")
+    if fraction is not None and not (math.isfinite(fraction) and fraction >= 0):
+        raise ParameterError(f"fraction of tiles {fraction} must be a finite number >= 0 (0.1 = 10%)")
+    if seed is not None and seed < 0:
+        raise ParameterError(f"random seed {seed} must be an integer >= 0")
     if n_tiles is not None and n_tiles > 0:
         n = min(n_tiles, total)
     elif fraction is not None and fraction > 0:

@@ -52,10 +52,10 @@ from .volume import (
     Volume,
     check_not_inside_a_dataset,
     create_volume,
-    default_io_threads,
     discard_dataset,
     discard_leftovers,
     io_executor,
+    io_thread_count,
     normalise_dataset_path,
     open_volume,
 )
@@ -590,7 +590,8 @@ def tiff_to_n5(
         compression, compression_level: an N5 compression name and level (:func:`codecs.compressor`).
         overwrite: replace a target dataset that is not this very conversion (a group or anything
             that is not a 3-D dataset is never replaced).
-        threads: chunk reading/encoding threads (default: :func:`volume.default_io_threads`).
+        threads: chunk reading/encoding threads (default: :func:`volume.default_io_threads`; at most
+            :func:`volume.max_io_threads`).
         memory_limit: bytes for the chunks in flight (``COPIES_PER_CHUNK`` chunk sizes for each one
             being encoded, one for each read ahead); at least one chunk is always in flight.
         progress: called with (chunks done, chunks total) after each chunk; whatever it raises stops
@@ -684,7 +685,7 @@ def _convert(stack: TiffStack, volume: Volume, region: Box, boxes: list[Box], th
     """Read chunks (a row of them together where strips span them; z slices split over the reading
     threads) while earlier chunks are encoded and written by others; what is alive fits ``memory_limit``."""
     chunk_bytes = math.prod(volume.chunks) * stack.dtype.itemsize
-    threads = threads or default_io_threads()
+    threads = io_thread_count(threads)  # capped, with one line, at max_io_threads()
     group = _group_size(stack, volume.chunks, chunk_bytes, memory_limit)
     rows: list[list[Box]] = []
     for box in boxes:  # storage order: the chunks of a row are consecutive
