@@ -6,6 +6,10 @@ float32 for probabilities or uint8 for binary masks; gzip compressed unless --co
 otherwise. An existing dataset of the same dims, chunks and dtype is kept (so re-runs keep finished
 blocks, and its own compression); anything else is an error unless --overwrite is given, which
 replaces it. The output can never be the input dataset itself.
+
+Every dataset it makes gets a new creation identity (a kept one keeps its own, or gets one if it
+has none), and appears at its path only once complete. Blocks still writing into a dataset that
+--overwrite replaces then fail instead of marking themselves done.
 """
 
 from __future__ import annotations

@@ -82,9 +82,11 @@ def test_create_keeps_compatible_and_refuses_incompatible(tmp_path):
     assert fresh.dtype == np.uint8 and fresh.read(Box((0, 0, 0), (8, 8, 8))).sum() == 0
 
 
-def test_a_replacement_killed_midway_leaves_no_dataset_that_looks_complete(tmp_path, monkeypatch):
-    """The old dataset (chunks, attributes and done markers together) leaves its path in one rename;
-    a replacement killed while deleting it leaves nothing a re-run would take for the old dataset."""
+def test_a_replacement_killed_while_deleting_the_old_dataset(tmp_path, monkeypatch):
+    """The old dataset (chunks, attributes and done markers together) leaves its path in one rename,
+    and the new one, complete, is renamed in before the old one is deleted: killed while deleting,
+    the replacement has left the new dataset in place (no markers, no old chunks), and the next
+    create removes the rest of the old one. (Kills between the other steps: test_data_integrity.)"""
     import shutil
 
     from exllsm_neuronseg import volume as volume_module
@@ -103,7 +105,8 @@ def test_a_replacement_killed_midway_leaves_no_dataset_that_looks_complete(tmp_p
     monkeypatch.setattr(volume_module.shutil, "rmtree", killed)
     with pytest.raises(Killed):
         create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "uint8", overwrite=True)
-    assert not (tmp_path / "o.n5" / "seg" / "s0").exists()  # no attributes, no chunks, no markers
+    new = open_volume(tmp_path / "o.n5", "seg/s0")
+    assert new.dtype == np.uint8 and new.read(new.box).sum() == 0 and not (new.path / ".exllsm-done").exists()
     monkeypatch.undo()
     assert shutil.rmtree is not killed
     fresh = create_volume(tmp_path / "o.n5", "seg/s0", (16, 16, 16), (8, 8, 8), "uint8")

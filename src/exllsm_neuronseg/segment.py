@@ -7,6 +7,29 @@ next tile's input is read while the current one is predicted, and every output c
 and written by a thread pool as soon as it is complete, while prediction goes on.  Peak memory is
 two tiles of input, the output chunks not yet complete or written, and the model's working set
 for one tile.
+
+Done markers, design.  A marker ``<dataset>/.exllsm-done/<x0>_<y0>_<z0>-<x1>_<y1>_<z1>.json``
+vouches that the block's box of the output holds the result of the settings it records:
+
+* It lives inside the output dataset and records the dataset's creation identity
+  (:func:`.volume.creation_identity`, new on every create and replacement; for a dataset another
+  tool made, its metadata file's digest and time: :func:`.volume.block_identity`).  A block notes the
+  identity when it starts, checks it before every chunk it writes (so it never recreates chunks of
+  a removed dataset) and after its last one, and writes its marker only if it is unchanged.  A
+  marker counts only while the dataset at the path has the identity it records.
+* Before its first chunk, a block that runs removes the markers of every block whose box overlaps
+  its own (its own included), whatever their settings: those boxes will no longer hold only their
+  result.  A block is done only if its own marker matches, so "whole volume with S1, part redone
+  with S2, whole volume with S1 again" recomputes the whole volume.  (Keeping markers of the same
+  settings would rely on results not depending on the cut, which per-block post-processing breaks.)
+  Overlapping blocks must not run at the same time: blocks of one plan never overlap or share a
+  chunk, and blocks not aligned to the chunk grid hold the output's unaligned lock
+  (:func:`unaligned_lock`), one at a time.
+* The settings key the input by its resolved location and identity
+  (:func:`.volume.dataset_identity`), not by the path as typed, and the model by its checksum.
+
+The bookkeeping is per block (a directory listing and a few small files) plus one read of the
+dataset's attributes file per chunk written, never per voxel.
 """
 
 from __future__ import annotations
@@ -15,20 +38,35 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import GeometryError, OutputError
+from . import testhook
+from .errors import GeometryError, InputValueError, OutputError
 from .geometry import XYZ, Box, TileGrid, check_block, check_chunk_aligned, format_xyz
-from .postprocess import post_process
-from .scaling import check_scaling_factor, intensity_histogram, scaling_factor_from_histogram
-from .volume import Volume, check_output_volume, io_executor, lower_thread_priority, same_dataset, split_by_chunks
+from .postprocess import check_thresholds, post_process
+from .scaling import check_scaled_values, check_scaling_factor, intensity_histogram, scaling_factor_from_histogram
+from .volume import (
+    Volume,
+    check_output_volume,
+    block_identity,
+    dataset_identity,
+    io_executor,
+    io_thread_count,
+    lower_thread_priority,
+    same_dataset,
+    split_by_chunks,
+    write_error_message,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .unet import UNetConfig
@@ -46,6 +84,20 @@ class PostProcessing:
     low_threshold: float = 0.2
     small_region_probability_threshold: float = 0.9
     small_region_size_threshold: int = 1000
+
+    def __post_init__(self) -> None:  # bad thresholds are refused when the settings are made
+        check_thresholds(
+            self.high_threshold,
+            self.low_threshold,
+            self.small_region_probability_threshold,
+            self.small_region_size_threshold,
+        )
+
+
+BLOCK_POST_PROCESSING_WARNING = (
+    "post-processing runs on this block alone: objects cut by the block's borders are judged by their part "
+    "inside it (hysteresis seeds, object sizes), so the result depends on how the volume is cut into blocks"
+)
 
 
 @dataclass
@@ -80,10 +132,14 @@ class SegmentationResult:
 # --------------------------------------------------------------------------------------------
 # Done markers: written after a block's data, so re-runs can skip finished blocks
 # --------------------------------------------------------------------------------------------
+# (the design is in the module docstring)
 
 
 def block_key(block: Box) -> str:
     return f"{format_xyz(block.start).replace(',', '_')}-{format_xyz(block.end).replace(',', '_')}"
+
+
+_MARKER_NAME = re.compile(r"(\d+)_(\d+)_(\d+)-(\d+)_(\d+)_(\d+)\.json(?:\.partial)?")
 
 
 def marker_path(output: Volume, block: Box) -> Path:
@@ -95,23 +151,119 @@ def run_fingerprint(settings: dict) -> str:
 
 
 def block_is_done(output: Volume, block: Box, fingerprint: str) -> bool:
-    path = marker_path(output, block)
+    """Whether the block's own marker records these settings and the identity of the dataset now at
+    the output's path."""
     try:
-        return json.loads(path.read_text()).get("fingerprint") == fingerprint
+        marker = json.loads(marker_path(output, block).read_text())
     except (OSError, ValueError):
         return False
+    identity = block_identity(output.path)
+    return (
+        isinstance(marker, dict)
+        and marker.get("fingerprint") == fingerprint
+        and identity is not None
+        and marker.get("output_identity") == identity
+    )
 
 
-def mark_block_done(output: Volume, block: Box, fingerprint: str, info: dict) -> None:
+def check_output_identity(output: Volume, identity: str) -> None:
+    """Raise :class:`OutputError` unless the dataset at the output's path still has ``identity``."""
+    now = block_identity(output.path)
+    if now != identity:
+        what = "removed" if now is None else f"replaced (creation identity {now}, not {identity})"
+        raise OutputError(
+            f"the output dataset {output} was {what} while this block ran: the block is not marked done; "
+            "run it again into the dataset now there"
+        )
+
+
+def mark_block_done(output: Volume, block: Box, fingerprint: str, identity: str, info: dict) -> None:
+    """Write the block's marker, if the dataset at the output's path still has ``identity`` (the one
+    the block started with): call it after the block's last chunk is written."""
+    check_output_identity(output, identity)
     path = marker_path(output, block)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, **info}, indent=1, default=str))
-    tmp.replace(path)
+    record = {"fingerprint": fingerprint, "output_identity": identity, **info}
+    try:
+        path.parent.mkdir(exist_ok=True)  # never its parents: a removed dataset is not recreated
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if not output.path.is_dir():
+            check_output_identity(output, identity)
+        raise OutputError(write_error_message(f"the done marker of block {block} in {output}", exc, output.path)) from exc
 
 
 def clear_block_done(output: Volume, block: Box) -> None:
     marker_path(output, block).unlink(missing_ok=True)
+
+
+def invalidate_overlapping_markers(output: Volume, block: Box) -> list[Box]:
+    """Remove the markers (and leftover partial ones) of every block whose box overlaps ``block``,
+    its own included; returns the other blocks whose markers were removed."""
+    folder = output.path / DONE_DIR
+    try:
+        names = os.listdir(folder)
+    except OSError:  # no marker yet (or no dataset: the block's identity checks report that)
+        return []
+    others = []
+    for name in names:
+        match = _MARKER_NAME.fullmatch(name)
+        if not match:
+            continue
+        v = tuple(int(g) for g in match.groups())
+        box = Box(v[:3], v[3:])  # type: ignore[arg-type]
+        if box.intersect(block).empty:
+            continue
+        try:
+            (folder / name).unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise OutputError(write_error_message(f"the done markers of {output}", exc, output.path)) from exc
+        if box != block and not name.endswith(".partial"):
+            others.append(box)
+    return sorted(others, key=lambda b: (b.start[::-1], b.end[::-1]))
+
+
+UNALIGNED_LOCK = ".exllsm-unaligned.lock"
+
+
+@contextmanager
+def unaligned_lock(output: Volume) -> Iterator[None]:
+    """Hold the output's unaligned lock (an exclusive ``flock`` on ``<dataset>/.exllsm-unaligned.lock``).
+
+    A block not aligned to the chunk grid shares chunks with its neighbours, and two jobs writing one
+    chunk at once would lose voxels; so such blocks of one output run one at a time: a second one
+    raises :class:`OutputError` at once instead of waiting.  The kernel releases the lock when its
+    holder ends, however it ends.  Aligned blocks never take it.
+    """
+    import fcntl
+
+    path = output.path / UNALIGNED_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        if not output.path.is_dir():
+            raise OutputError(f"the output dataset {output} was removed: create it again with create_volume.py") from exc
+        raise OutputError(write_error_message(f"the lock file of {output}", exc, output.path)) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"another job writing a block not aligned to the output chunks holds {path}: such blocks share "
+                "chunks, so one output takes one of them at a time; run this block when that job has ended"
+            ) from None
+        except OSError as exc:
+            raise OutputError(
+                f"cannot lock {path} ({exc.strerror}): a block not aligned to the output chunks needs an exclusive "
+                "file lock on its output, and this file system refused it; use a block aligned to the chunk grid"
+            ) from exc
+        yield
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,8 +302,11 @@ class _OutputChunks:
     written by :meth:`write_all`.
     """
 
-    def __init__(self, output: Volume, block: Box, dtype: np.dtype, executor, keep_all: bool) -> None:
+    def __init__(
+        self, output: Volume, block: Box, dtype: np.dtype, executor, keep_all: bool, guard: Callable[[], None] | None = None
+    ) -> None:
         self.output, self.block, self.dtype, self.executor = output, block, dtype, executor
+        self.guard = guard  # called before every chunk write; raises to stop the block (a replaced output)
         self.whole = np.zeros(block.shape[::-1], dtype=dtype) if keep_all else None
         self.buffers: dict[XYZ, tuple[np.ndarray, int]] = {}  # chunk piece start -> (z,y,x data, voxels filled)
         self.pending: list[Future] = []
@@ -200,6 +355,8 @@ class _OutputChunks:
 
     def _write(self, start: XYZ, data_zyx: np.ndarray) -> None:
         t = time.perf_counter()
+        if self.guard is not None:
+            self.guard()
         self.output.write_zyx(start, data_zyx)
         self.write_seconds += time.perf_counter() - t
 
@@ -264,6 +421,13 @@ def segment_block(
     :func:`.unet.default_tile_shape` of the image.  Tiles run one at a time (``batch_size`` is
     checked and kept for the original's flag).  ``progress(tiles_done, tiles_total)`` is called
     after every tile.
+
+    Done markers (see the module docstring): a block whose own marker matches
+    its settings and the output's creation identity is skipped (unless ``skip_done`` is false);
+    otherwise the markers of every block overlapping it are removed before its first chunk, the
+    output's identity is checked before each chunk write and after the last, and the marker is
+    written only if it is unchanged (else :class:`OutputError`).  A block that is not aligned runs
+    under the output's unaligned lock (:func:`unaligned_lock`).
     """
     from .unet import cached_predictor, default_tile_shape, margin, read_model_weights
 
@@ -277,15 +441,27 @@ def segment_block(
     if same_dataset(input_volume.container, input_volume.dataset, output_volume.container, output_volume.dataset):
         raise OutputError(f"the output {output_volume} is the input dataset itself: segment into another dataset")
     check_output_volume(output_volume, input_volume.shape, binary)
-    if not allow_unaligned:
+    output_identity = _output_identity(output_volume, warn)
+    try:
         check_chunk_aligned(block, output_volume.chunks, output_volume.shape, region)
+        unaligned = False
+    except GeometryError:
+        if not allow_unaligned:
+            raise
+        unaligned = True
     if batch_size < 1:
         raise GeometryError(f"batch size {batch_size} must be >= 1")
+    if scaling is not None:
+        check_scaling_factor(scaling, input_volume.dtype)  # refused before anything is read
+    io_threads = io_thread_count(io_threads, warn)
+    if post_processing is not None and block != (region if region is not None else input_volume.box):
+        warn(BLOCK_POST_PROCESSING_WARNING)
 
     executor = io_executor(io_threads, background=True)  # chunk decoding and encoding
     # Reading a tile waits on chunk tasks in ``executor``; it runs in its own thread so it can never
     # occupy the pool it waits on (with one I/O thread that would deadlock).
     prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-prefetch", initializer=lower_thread_priority)
+    held = ExitStack()  # the unaligned lock, for the rest of the run
     try:
         if scaling is None:
             warn(
@@ -293,11 +469,11 @@ def segment_block(
                 "different factors and the result shows seams between blocks. Pass a global -s."
             )
             scaling = block_scaling_factor(input_volume, block, grid.context, executor)
-        scaling = check_scaling_factor(scaling)
+        scaling = check_scaling_factor(scaling, input_volume.dtype)
         settings = {
             "model_sha256": _file_digest(model_path),
             "scaling": repr(float(scaling)),
-            "input": str(input_volume),
+            "input": dataset_identity(input_volume),  # resolved location and identity, not the path as typed
             "tile": grid.input_shape,
             "binary": binary,
             "post_processing": asdict(post_processing) if post_processing else None,
@@ -306,12 +482,32 @@ def segment_block(
         n_tiles = grid.count(block)
         if skip_done and block_is_done(output_volume, block, fingerprint):
             return SegmentationResult(block, n_tiles, time.perf_counter() - t_start, scaling, skipped=True)
-        clear_block_done(output_volume, block)
+        if unaligned:
+            held.enter_context(unaligned_lock(output_volume))
+        check_output_identity(output_volume, output_identity)
+        overlapped = invalidate_overlapping_markers(output_volume, block)
+        if overlapped:
+            shown = ", ".join(map(str, overlapped[:3])) + (f" and {len(overlapped) - 3} more" if len(overlapped) > 3 else "")
+            warn(
+                f"this block overlaps {len(overlapped)} finished block(s) ({shown}): their done markers are "
+                "removed, so they are segmented again when they next run"
+            )
+        testhook.checkpoint("block:started")
+
+        window = block.grow(grid.context)  # the input the block's voxels depend on (reflected beyond the image)
 
         def read_tile(index: tuple[int, int, int]) -> tuple[np.ndarray, float]:
-            """One tile's input in z,y,x storage order and raw dtype (read one tile ahead)."""
+            """One tile's input in z,y,x storage order and raw dtype (read one tile ahead).
+
+            Float input: the part of the tile inside the block's window must be finite and stay
+            finite when scaled (one min and one max; integer input is not looked at)."""
             t = time.perf_counter()
-            return input_volume.read_reflect_zyx(grid.input_box(index), executor), time.perf_counter() - t
+            box = grid.input_box(index)
+            tile = input_volume.read_reflect_zyx(box, executor)
+            if tile.dtype.kind == "f" and not check_scaled_values(tile[box.intersect(window).slices(box.start)[::-1]], scaling):
+                input_volume.check_finite(window.intersect(input_volume.box), executor)  # raises: how many, the first
+                raise InputValueError(f"{input_volume} holds NaN or infinite voxels near {box}")  # pragma: no cover
+            return tile, time.perf_counter() - t
 
         rx, ry, rz = grid.tile_indices(block)
         order = [(kx, ky, kz) for kz in rz for ky in ry for kx in rx]  # storage order: x fastest
@@ -320,7 +516,16 @@ def segment_block(
         result = SegmentationResult(block, n_tiles, 0.0, scaling)
         result.flops = predictor.flops_per_tile() * n_tiles
         out_dtype = np.dtype(np.uint8) if binary else np.dtype(np.float32)
-        results = _OutputChunks(output_volume, block, out_dtype, executor, keep_all=post_processing is not None)
+        # temporary files of this block's chunk writes that a killed run left (its own chunks only)
+        output_volume.remove_partial_chunk_files(block, whole_chunks_only=allow_unaligned)
+        results = _OutputChunks(
+            output_volume,
+            block,
+            out_dtype,
+            executor,
+            keep_all=post_processing is not None,
+            guard=lambda: check_output_identity(output_volume, output_identity),
+        )
         factor = float(np.float32(scaling))
         for done, index in enumerate(order, start=1):
             tile, read_s = next_tile.result()
@@ -350,18 +555,36 @@ def segment_block(
             result.compute_seconds += time.perf_counter() - t
             results.write_all()
         results.wait()
+        testhook.checkpoint("block:chunks-written")
         result.write_seconds = results.write_seconds
         result.seconds = time.perf_counter() - t_start
         mark_block_done(
             output_volume,
             block,
             fingerprint,
+            output_identity,
             {"block": [list(block.start), list(block.end)], "settings": settings, "seconds": result.seconds},
         )
         return result
     finally:
         prefetcher.shutdown(wait=True, cancel_futures=True)
         executor.shutdown(wait=True, cancel_futures=True)
+        held.close()
+
+
+def _output_identity(output: Volume, warn: Callable[[str], None]) -> str:
+    """The identity a block checks its output against (:func:`.volume.block_identity`): the creation
+    identity, or for a dataset another tool made (no creation identity) its metadata, with a warning
+    that only a rewrite of the metadata can then tell a replacement."""
+    identity = block_identity(output.path)
+    if identity is None:
+        raise OutputError(f"the output dataset {output} no longer exists: create it again with create_volume.py")
+    if identity.startswith("metadata-"):
+        warn(
+            f"the output dataset {output} has no creation identity (another tool or an older version made it): "
+            "a replacement is recognised by its metadata file only; create_volume.py on it adds one and keeps its data"
+        )
+    return identity
 
 
 def _file_digest(path: str | Path) -> str:

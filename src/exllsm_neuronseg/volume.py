@@ -11,20 +11,23 @@ the old one or the new one, never half of each.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import os
 import shutil
 import threading
+import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import codecs
-from .errors import OutputError, OutputExistsError, VolumeError
+from . import codecs, testhook
+from .errors import ChunkError, InputValueError, NeuronSegError, OutputError, OutputExistsError, ParameterError, VolumeError
 from .geometry import XYZ, Box, format_xyz, reflect_index
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,15 @@ codecs.install()  # ISA-L gzip/zlib: same streams, ~10x faster encoding
 
 # Attributes carried from the input dataset to outputs (N5 viewers and the host read these).
 RESOLUTION_ATTRIBUTES = ("pixelResolution", "resolution", "downsamplingFactors", "units", "offset")
+
+
+def check_container_path(container: str | Path) -> str:
+    """A container path must be given: an empty one would silently mean the current directory.
+    Returns it as a string; raises :class:`VolumeError`."""
+    text = os.fspath(container) if isinstance(container, Path) else str(container)
+    if not text.strip():
+        raise VolumeError(f"container path {text!r} is empty: give the N5 or zarr directory, e.g. /data/brain.n5")
+    return text
 
 
 def normalise_dataset_path(dataset: str) -> str:
@@ -126,11 +138,86 @@ class Volume:
     # ---- reading ---------------------------------------------------------------------------
 
     def read_zyx(self, box: Box) -> np.ndarray:
-        """Read a box that lies inside the image, returned in storage order z,y,x."""
+        """Read a box that lies inside the image, returned in storage order z,y,x.
+
+        A chunk that cannot be read or decoded raises :class:`ChunkError` naming its file.
+        """
         if not self.box.contains(box):
             raise VolumeError(f"box {box} lies outside {self} of shape {format_xyz(self.shape)}")
         (x0, y0, z0), (x1, y1, z1) = box.start, box.end
-        return self.array[z0:z1, y0:y1, x0:x1]
+        try:
+            return self.array[z0:z1, y0:y1, x0:x1]
+        except NeuronSegError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - codecs raise anything (EOFError, struct.error, RuntimeError, ...)
+            error = self._chunk_error(box)
+            if error is None:
+                raise
+            raise error from exc
+
+    def read_finite(self, box: Box) -> np.ndarray:
+        """:meth:`read` (x,y,z), refusing NaN or infinite voxels of a float dataset with
+        :class:`InputValueError` (how many in ``box`` and the first); integer data is not looked at."""
+        data = self.read_zyx(box)
+        if data.dtype.kind == "f":
+            n, first = _count_non_finite(data)
+            if n:
+                raise self._non_finite_error(n, _shift(first, box.start), box)
+        return data.transpose(2, 1, 0)
+
+    def check_finite(self, box: Box, executor: Executor | None = None) -> None:
+        """Raise :class:`InputValueError` if ``box`` (inside the image) of a float dataset holds NaN or
+        infinite voxels, with how many and the first (lowest z, then y, then x) as x,y,z.  Reads the
+        box chunk by chunk (in parallel with an executor); integer datasets return at once."""
+        if self.dtype.kind != "f":
+            return
+
+        def count(piece: Box) -> tuple[int, tuple[int, int, int] | None]:
+            n, first = _count_non_finite(self.read_zyx(piece))
+            return n, None if first is None else _shift(first, piece.start)[::-1]  # z,y,x: compared as z, y, x
+
+        pieces = split_by_chunks(box, self.chunks)
+        counts = list(executor.map(count, pieces) if executor else map(count, pieces))
+        n = sum(k for k, _ in counts)
+        if n:
+            raise self._non_finite_error(n, min(first for _, first in counts if first is not None)[::-1], box)
+
+    def _non_finite_error(self, n: int, first: Sequence[int], box: Box) -> InputValueError:
+        """The error for ``n`` non-finite voxels in ``box``, the first at x,y,z ``first``."""
+        return InputValueError(
+            f"{self} holds {n} NaN or infinite voxel{'s' if n != 1 else ''} in {box}, the first at x,y,z "
+            f"{format_xyz(first)}: the model needs finite intensities; replace them in the input (e.g. with 0)"
+        )
+
+    def chunk_file(self, index: Sequence[int]) -> Path:
+        """The file of the chunk with grid index x,y,z (N5: ``<dataset>/x/y/z``; zarr: its chunk key)."""
+        from zarr.n5 import N5Store
+
+        if isinstance(self.array.store, N5Store):
+            return self.path.joinpath(*(str(int(i)) for i in index))
+        return Path(self.container) / self.array._chunk_key(tuple(int(i) for i in reversed(index)))
+
+    def _chunk_error(self, box: Box) -> ChunkError | None:
+        """After a failed read of ``box``: the first of its chunks that cannot be read, as a
+        :class:`ChunkError` naming the file; None when every chunk reads (the failure was elsewhere)."""
+        for piece in split_by_chunks(box, self.chunks):
+            (x0, y0, z0), (x1, y1, z1) = piece.start, piece.end
+            try:
+                self.array.get_basic_selection((slice(z0, z1), slice(y0, y1), slice(x0, x1)))
+            except Exception as exc:  # noqa: BLE001
+                return ChunkError(self._chunk_message(piece, exc))
+        return None
+
+    def _chunk_message(self, piece: Box, exc: BaseException) -> str:
+        path = self.chunk_file([s // c for s, c in zip(piece.start, self.chunks)])
+        if isinstance(exc, OSError) and exc.strerror:
+            return f"cannot read chunk file {path} of {self}: {exc.strerror}"
+        what = f"{codecs.describe(self.array.compressor)} chunk of {self.dtype}"
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(": ")
+        return (
+            f"chunk file {path} of {self} is truncated or corrupt: it does not decode as a {what} "
+            f"({reason}); restore the file, or write the dataset again"
+        )
 
     def read(self, box: Box) -> np.ndarray:
         """Read a box inside the image as an x,y,z array (a transposed view)."""
@@ -178,9 +265,15 @@ class Volume:
         def load(piece: Box) -> None:
             (x0, y0, z0), (x1, y1, z1) = piece.start, piece.end
             # decoded straight into the output (zarr copies the chunk's selection once)
-            self.array.get_basic_selection(
-                (slice(z0, z1), slice(y0, y1), slice(x0, x1)), out=out[piece.slices(box.start)[::-1]]
-            )
+            try:
+                self.array.get_basic_selection(
+                    (slice(z0, z1), slice(y0, y1), slice(x0, x1)), out=out[piece.slices(box.start)[::-1]]
+                )
+            except Exception as exc:  # noqa: BLE001 - see read_zyx
+                error = self._chunk_error(piece)
+                if error is None:
+                    raise
+                raise error from exc
 
         if executor is None:
             for p in pieces:
@@ -258,6 +351,59 @@ class Volume:
         for f in futures:
             f.result()
 
+    def remove_partial_chunk_files(self, box: Box, whole_chunks_only: bool = False) -> int:
+        """Delete the temporary files of chunk writes that were killed (``<chunk file>.<32 hex>.partial``,
+        as zarr's stores and :meth:`write_chunk` name them) of the chunks that meet ``box``, or only
+        of the chunks that lie wholly in it (clipped to the image) with ``whole_chunks_only``.
+
+        Call it only for chunks no other running job writes: a block's own chunks before the block
+        writes them.  Each chunk directory is listed once.  Returns how many files were removed.
+        """
+        by_dir: dict[Path, set[str]] = {}
+        for piece in split_by_chunks(box.intersect(self.box), self.chunks):
+            index = [s // c for s, c in zip(piece.start, self.chunks)]
+            if whole_chunks_only:
+                whole = Box(
+                    tuple(i * c for i, c in zip(index, self.chunks)),  # type: ignore[arg-type]
+                    tuple(min((i + 1) * c, n) for i, c, n in zip(index, self.chunks, self.shape)),  # type: ignore[arg-type]
+                )
+                if piece != whole:
+                    continue
+            path = self.chunk_file(index)
+            by_dir.setdefault(path.parent, set()).add(path.name)
+        removed = 0
+        for folder, names in by_dir.items():
+            try:
+                entries = os.listdir(folder)
+            except OSError:  # no chunk written there yet
+                continue
+            for entry in entries:
+                stem, _, suffix = entry.rpartition(".")
+                chunk, _, token = stem.rpartition(".")
+                if suffix == "partial" and chunk in names and len(token) == 32:
+                    try:
+                        os.unlink(folder / entry)
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        raise OutputError(write_error_message(f"chunks of {self}", exc, self.path)) from exc
+        return removed
+
+
+def _shift(first_zyx: Sequence[int], start: XYZ) -> XYZ:
+    """A z,y,x index inside a box's array as x,y,z image coordinates."""
+    return tuple(int(i) + s for i, s in zip(first_zyx[::-1], start))  # type: ignore[return-value]
+
+
+def _count_non_finite(data: np.ndarray) -> tuple[int, tuple[int, int, int] | None]:
+    """How many values of a z,y,x array are NaN or infinite, and the index of the first (C order)."""
+    bad = ~np.isfinite(data)
+    n = int(np.count_nonzero(bad))
+    if not n:
+        return 0, None
+    return n, tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))  # type: ignore[return-value]
+
 
 def split_by_chunks(box: Box, chunks: XYZ) -> list[Box]:
     """Cut ``box`` along the chunk grid (pieces in z,y,x storage order)."""
@@ -280,7 +426,7 @@ def open_volume(container: str | Path, dataset: str, mode: str = "r") -> Volume:
     """
     import zarr
 
-    container = str(container)
+    container = check_container_path(container)
     dataset = normalise_dataset_path(dataset)
     if not Path(container).is_dir():
         raise VolumeError(f"container {container} does not exist (expected an N5 or zarr directory)")
@@ -296,6 +442,13 @@ def open_volume(container: str | Path, dataset: str, mode: str = "r") -> Volume:
         available = _list_arrays(root)
         hint = f"; datasets present: {', '.join('/' + a for a in available)}" if available else ""
         raise VolumeError(f"dataset /{dataset} does not exist in {container}{hint}") from None
+    except Exception as exc:  # noqa: BLE001 - metadata that does not parse (JSON, dims, dtype ...)
+        meta = "attributes.json" if isinstance(root.store, zarr.N5Store) else ".zarray"
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        raise VolumeError(
+            f"{container}:/{dataset} has unreadable metadata ({Path(container, dataset, meta)}: {reason}); "
+            "a dataset needs valid N5 attributes (dimensions, blockSize, dataType, compression) or a zarr .zarray"
+        ) from exc
     if not isinstance(node, zarr.Array):
         available = _list_arrays(node)
         hint = f"; arrays below it: {', '.join('/' + dataset + '/' + a for a in available)}" if available else ""
@@ -341,9 +494,18 @@ def create_volume(
     blosc) and ``compression_level`` its level (None: the codec's default, gzip 1). An existing
     dataset is kept and reused if it has the same shape, chunks and dtype (with ``overwrite`` too:
     its finished blocks stay valid, and its own compression stays); another dataset raises
-    :class:`OutputExistsError` unless ``overwrite`` is true, in which case it is replaced (renamed
-    away in one step, then deleted). A group is never replaced, and no dataset is created inside
+    :class:`OutputExistsError` unless ``overwrite`` is true, in which case it is replaced. A group,
+    a link or a folder that is not a dataset is never replaced, and no dataset is created inside
     another. An output location that cannot be written raises :class:`OutputError` naming the path.
+
+    Every dataset made here gets a new creation identity (:data:`IDENTITY_ATTRIBUTE`, see
+    :func:`creation_identity`); a kept one keeps its identity, or gets one if it has none (made by
+    an older version or another tool). A new dataset is made complete (attributes and identity)
+    under a temporary sibling name and renamed into place, so the target path never holds a
+    dataset whose creation did not finish. A replacement moves the old dataset away in one rename
+    (its chunks and done markers go with it) only once the new one is complete, renames the new one
+    in, then deletes the old: killed at any moment, it leaves the old dataset whole, no dataset, or
+    the new one complete; what a killed run left beside the target is discarded by the next one.
     """
     import zarr
 
@@ -354,6 +516,7 @@ def create_volume(
     compressor = codecs.compressor(compression, compression_level)
     container = str(container)
     _check_creatable(container)
+    target = Path(container) / dataset
     try:
         # A zarr container stays zarr; anything else (an N5 container, a new path, an empty folder)
         # is N5 unless it is named *.zarr.
@@ -363,6 +526,8 @@ def create_volume(
             store = _n5_store(container)
         check_not_inside_a_dataset(container, dataset)
         root = zarr.open_group(store=store, mode="a")
+        discard_leftovers(target)  # temporaries and replaced datasets of killed runs
+        replace = False
         if dataset in root:
             existing = root[dataset]
             same = (
@@ -372,6 +537,8 @@ def create_volume(
                 and np.dtype(existing.dtype) == dtype
             )
             if same:  # kept even when replacing is allowed: its finished blocks stay valid
+                if creation_identity(target) is None:
+                    existing.attrs[IDENTITY_ATTRIBUTE] = new_identity()
                 return Volume(container, dataset, existing)
             if not isinstance(existing, zarr.Array):
                 raise OutputError(
@@ -379,48 +546,145 @@ def create_volume(
                     "choose a dataset path such as /segmented/s0"
                 )
             if not overwrite:
-                desc = (
-                    f"shape {format_xyz(reversed(existing.shape))}, chunks {format_xyz(reversed(existing.chunks))}, {existing.dtype}"
-                    if isinstance(existing, zarr.Array)
-                    else "a group"
-                )
                 raise OutputExistsError(
-                    f"{container}:/{dataset} already exists with {desc}, not shape {format_xyz(shape)}, "
+                    f"{container}:/{dataset} already exists with shape {format_xyz(reversed(existing.shape))}, "
+                    f"chunks {format_xyz(reversed(existing.chunks))}, {existing.dtype}, not shape {format_xyz(shape)}, "
                     f"chunks {format_xyz(chunks)}, {dtype}; replace it explicitly or choose another dataset"
                 )
-            discard_dataset(Path(container) / dataset)
-        discard_leftovers(Path(container) / dataset)
+            if target.is_symlink():
+                raise OutputError(f"{container}:/{dataset} is a link to a dataset: it is never replaced; choose another dataset path")
+            replace = True
+        elif target.is_symlink() or (target.exists() and not (target.is_dir() and not any(target.iterdir()))):
+            raise OutputError(
+                f"{container}:/{dataset} exists and is not a dataset (a file, a link or a folder without dataset "
+                "attributes): it is never replaced; remove it or choose another dataset path"
+            )
+        parent, _, leaf = dataset.rpartition("/")
+        temporary = f"{parent}/.{leaf}.creating-{uuid.uuid4().hex[:12]}".lstrip("/")
         array = root.create_dataset(
-            dataset,
+            temporary,
             shape=tuple(reversed(shape)),
             chunks=tuple(reversed(chunks)),
             dtype=dtype,
             compressor=compressor,
             fill_value=0,
         )
-        if attributes:
-            array.attrs.update({k: v for k, v in attributes.items() if k in RESOLUTION_ATTRIBUTES})
+        kept = {k: v for k, v in (attributes or {}).items() if k in RESOLUTION_ATTRIBUTES}
+        array.attrs.update({**kept, IDENTITY_ATTRIBUTE: new_identity()})
+        _install(Path(container) / temporary, target, replace)
+        array = root[dataset]
     except (OSError, KeyError) as exc:
         error = _os_error(exc)
         if error is None:
             raise
-        top = Path(container) / dataset if (Path(container) / dataset).exists() else Path(container)
+        top = target if target.exists() else Path(container)
         raise OutputError(write_error_message(f"{container}:/{dataset}", error, top)) from exc
     return Volume(container, dataset, array)
+
+
+def _install(temporary: Path, target: Path, replace: bool) -> None:
+    """Rename the complete new dataset ``temporary`` to ``target``; with ``replace``, the dataset at
+    ``target`` is first renamed away in one step and deleted once the new one is in place."""
+    try:
+        testhook.checkpoint("create:temporary-complete")
+        trash = _rename_away(target) if replace else None
+        testhook.checkpoint("create:old-moved-away")
+        try:
+            os.rename(temporary, target)
+        except OSError:
+            if trash is not None:  # put the old dataset back rather than leave none
+                os.rename(trash, target)
+            raise
+    except Exception:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    testhook.checkpoint("create:new-in-place")
+    if trash is not None:
+        shutil.rmtree(trash)
+
+
+# The attribute that holds a dataset's creation identity: a random id that create_volume writes into
+# every dataset it makes (and into a kept one that has none). Whatever vouches for a dataset's
+# content (a block's done marker) records it, and trusts the content only while the dataset at the
+# path still has it: a replaced or re-created dataset has another one.
+IDENTITY_ATTRIBUTE = "exllsmCreationId"
+
+
+def new_identity() -> str:
+    return uuid.uuid4().hex
+
+
+def _is_zarr_dataset(path: Path) -> bool:
+    return (path / ".zarray").is_file()
+
+
+def creation_identity(path: str | Path) -> str | None:
+    """The creation identity of the dataset directory ``path``, read from disk now (never cached);
+    None when no dataset is there or it has none."""
+    path = Path(path)
+    value = _json_object(path / (".zattrs" if _is_zarr_dataset(path) else "attributes.json")).get(IDENTITY_ATTRIBUTE)
+    return value if isinstance(value, str) and value else None
+
+
+def block_identity(path: str | Path) -> str | None:
+    """What a block checks to know the output dataset at ``path`` is the one it started writing into,
+    read from disk now: the creation identity, or, for a dataset another tool made (the host's own
+    create_n5 when it keeps its processes), its metadata: a digest of the metadata file's content and
+    its modification time (ns), which a replacement by any tool changes. None when no dataset is there."""
+    identity = creation_identity(path)
+    if identity is not None:
+        return identity
+    path = Path(path)
+    metadata = path / (".zarray" if _is_zarr_dataset(path) else "attributes.json")
+    try:
+        content, mtime_ns = metadata.read_bytes(), metadata.stat().st_mtime_ns
+    except OSError:
+        return None
+    return f"metadata-{hashlib.sha256(content).hexdigest()[:16]}-{mtime_ns}"
+
+
+def dataset_identity(volume: Volume) -> dict:
+    """What a dataset is, for records that must change when the same path names another dataset:
+    its resolved container and dataset path, and its creation identity; for a dataset without one
+    (another tool's, an older version's) a digest of its dims, chunks, dtype and compression with
+    the modification time (ns) of its metadata file, which any rewrite of the metadata changes."""
+    record: dict = {"container": str(Path(volume.container).resolve()), "dataset": volume.dataset}
+    identity = creation_identity(volume.path)
+    if identity is not None:
+        record["identity"] = identity
+        return record
+    zarr_format = _is_zarr_dataset(volume.path)
+    metadata = volume.path / (".zarray" if zarr_format else "attributes.json")
+    keys = ("shape", "chunks", "dtype", "compressor") if zarr_format else ("dimensions", "blockSize", "dataType", "compression")
+    content = _json_object(metadata)
+    digest = hashlib.sha256(json.dumps({k: content.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+    try:
+        mtime_ns = metadata.stat().st_mtime_ns
+    except OSError:
+        mtime_ns = None
+    record.update(attributes=digest, mtime_ns=mtime_ns)
+    return record
 
 
 def discard_dataset(path: Path) -> None:
     """Remove a dataset directory so that no moment leaves a dataset that looks complete: it is first
     renamed away in one step (its attributes, chunks and done markers go together), then deleted."""
-    trash = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+    shutil.rmtree(_rename_away(path))
+
+
+def _rename_away(path: Path) -> Path:
+    """Rename a dataset directory to a hidden sibling that :func:`discard_leftovers` recognises."""
+    trash = path.with_name(f".{path.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.replace(path, trash)
-    shutil.rmtree(trash)
+    return trash
 
 
 def discard_leftovers(path: Path) -> None:
-    """Delete what a replacement killed between its rename and its deletion left behind."""
-    for leftover in path.parent.glob(f".{path.name}.replaced-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    """Delete what killed runs left beside the dataset ``path``: a replaced dataset whose deletion
+    did not finish, a new dataset whose creation did not."""
+    for pattern in (f".{path.name}.replaced-*", f".{path.name}.creating-*"):
+        for leftover in path.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def check_not_inside_a_dataset(container: str, dataset: str) -> None:
@@ -451,6 +715,7 @@ def _is_zarr(container: str) -> bool:
 
 def _check_creatable(container: str) -> None:
     """A container path must be a directory or creatable as one: no plain file at it or above it."""
+    check_container_path(container)  # "" would be the current directory
     path = Path(container)
     for p in (path, *path.parents):
         if p.exists() or p.is_symlink():
@@ -515,6 +780,26 @@ def input_attributes(volume: Volume) -> dict:
 
 def default_io_threads() -> int:
     return max(2, min(8, os.cpu_count() or 2))
+
+
+def max_io_threads() -> int:
+    """The most chunk I/O threads a run starts: 4 per CPU core, 64 in all (more only cost memory
+    and switching; each holds a chunk in flight)."""
+    return max(2, min(64, 4 * (os.cpu_count() or 1)))
+
+
+def io_thread_count(requested: int | None, warn: Callable[[str], None] = log.warning) -> int:
+    """The number of chunk I/O threads for a request: the default for None, at most :func:`max_io_threads`
+    (with one line through ``warn`` when capped); :class:`ParameterError` below 1."""
+    if requested is None:
+        return default_io_threads()
+    if requested < 1:
+        raise ParameterError(f"{requested} I/O threads asked for: at least 1 is needed")
+    cap = max_io_threads()
+    if requested > cap:
+        warn(f"{requested} I/O threads asked for: using {cap} (at most 4 per CPU core, 64 in all)")
+        return cap
+    return int(requested)
 
 
 def io_executor(threads: int | None = None, background: bool = False) -> ThreadPoolExecutor:
