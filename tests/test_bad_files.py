@@ -309,3 +309,14 @@ def test_an_empty_path_is_an_error_not_the_current_directory(script, args, synth
     )
     assert_one_error(proc, "''")
     assert not list(work.iterdir())
+
+
+def test_a_corrupt_output_chunk_read_back_for_a_partial_write_is_named(tmp_path):
+    """Writing part of a chunk reads the chunk back first: a corrupt one is a ChunkError naming the
+    file (one error line in the scripts), not a codec traceback."""
+    vol = create_volume(tmp_path / "o.n5", "s0", (16, 16, 16), (8, 8, 8), "float32")
+    vol.write_zyx((0, 0, 0), np.ones((8, 8, 8), np.float32))
+    (vol.path / "0" / "0" / "0").write_bytes(b"\x00\x00garbage")
+    with pytest.raises(ChunkError, match=r"chunk file .*s0/0/0/0 of .* is truncated or corrupt"):
+        vol.write_zyx((2, 2, 2), np.zeros((2, 2, 2), np.float32))
+    vol.write_zyx((8, 8, 8), np.zeros((8, 8, 8), np.float32))  # other chunks are not affected

@@ -296,6 +296,11 @@ class Volume:
             if error is None:
                 raise
             raise OutputError(write_error_message(f"chunks of {self}", error, self.path)) from exc
+        except Exception as exc:  # noqa: BLE001 - a partly covered chunk is read back first: it may not decode
+            corrupt = self._chunk_error(Box((x0, y0, z0), (x1, y1, z1)))
+            if corrupt is None:
+                raise
+            raise corrupt from exc
 
     def write_chunk(self, start: XYZ, data_zyx: np.ndarray) -> None:
         """Write one whole chunk (``start`` on the chunk grid, data = the chunk clipped to the image)
