@@ -4,6 +4,20 @@ Creation identities, replacements killed between their steps, an output replaced
 block runs, overlapping blocks with other settings, markers keyed on what the input really is, and
 the lock that keeps unaligned jobs apart. Kills and pauses happen at named moments
 (:mod:`exllsm_neuronseg.testhook`), never after a delay.
+
+The fault-injection cases of issue 9 and where each is reproduced:
+
+- case 1, ``--overwrite`` while a block runs: ``test_create_volume_overwrite_while_a_block_runs``;
+- case 2, the output removed or recreated mid-run: ``test_output_removed_while_a_block_runs``,
+  ``test_output_replaced_while_a_block_runs``;
+- case 3, a kill during ``--overwrite``: ``test_a_replacement_killed_between_its_steps``,
+  ``test_a_killed_creation_leaves_nothing_at_the_target``;
+- case 4, overlapping blocks with other settings: ``test_overlapping_blocks_with_other_settings``;
+- case 5, output = input: ``tests/test_cli.py::test_output_that_is_the_input_is_refused``,
+  ``tests/test_create_volume.py::test_outputs_that_would_destroy_data_are_refused``;
+- non-finite input, factors and thresholds out of range: ``tests/test_bad_numbers.py``;
+- truncated and garbage chunks, full and read-only filesystems, leftover ``.partial`` files:
+  ``tests/test_bad_files.py``; a full disk at the marker write: here.
 """
 
 from __future__ import annotations
