@@ -12,7 +12,6 @@ the old one or the new one, never half of each.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import numpy as np
 
 from . import codecs, testhook
 from .errors import ChunkError, InputValueError, NeuronSegError, OutputError, OutputExistsError, ParameterError, VolumeError
-from .geometry import XYZ, Box, format_xyz, reflect_index
+from .geometry import XYZ, Box, format_xyz, grid_cells, reflect_index
 
 log = logging.getLogger(__name__)
 codecs.install()  # ISA-L gzip/zlib: same streams, ~10x faster encoding
@@ -411,17 +410,8 @@ def _count_non_finite(data: np.ndarray) -> tuple[int, tuple[int, int, int] | Non
 
 
 def split_by_chunks(box: Box, chunks: XYZ) -> list[Box]:
-    """Cut ``box`` along the chunk grid (pieces in z,y,x storage order)."""
-    edges = []
-    for s, e, c in zip(box.start, box.end, chunks):
-        cuts = [s] + list(range((s // c + 1) * c, e, c)) + [e]
-        edges.append(list(itertools.pairwise(cuts)))
-    return [
-        Box((x0, y0, z0), (x1, y1, z1))
-        for (z0, z1) in edges[2]
-        for (y0, y1) in edges[1]
-        for (x0, x1) in edges[0]
-    ]
+    """Cut ``box`` along the chunk grid (x fastest: storage order); an empty box is one empty piece."""
+    return grid_cells(box, chunks) if not box.empty else [box]
 
 
 def open_volume(container: str | Path, dataset: str, mode: str = "r") -> Volume:
