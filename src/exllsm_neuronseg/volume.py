@@ -18,8 +18,9 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,15 +145,8 @@ class Volume:
         if not self.box.contains(box):
             raise VolumeError(f"box {box} lies outside {self} of shape {format_xyz(self.shape)}")
         (x0, y0, z0), (x1, y1, z1) = box.start, box.end
-        try:
+        with self._naming_bad_chunks(box):
             return self.array[z0:z1, y0:y1, x0:x1]
-        except NeuronSegError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - codecs raise anything (EOFError, struct.error, RuntimeError, ...)
-            error = self._chunk_error(box)
-            if error is None:
-                raise
-            raise error from exc
 
     def read_finite(self, box: Box) -> np.ndarray:
         """:meth:`read` (x,y,z), refusing NaN or infinite voxels of a float dataset with
@@ -195,6 +189,20 @@ class Volume:
         if isinstance(self.array.store, N5Store):
             return self.path.joinpath(*(str(int(i)) for i in index))
         return Path(self.container) / self.array._chunk_key(tuple(int(i) for i in reversed(index)))
+
+    @contextmanager
+    def _naming_bad_chunks(self, box: Box) -> Iterator[None]:
+        """Around a read (or read-modify-write) of ``box``: a failure that a chunk of ``box`` causes
+        becomes a :class:`ChunkError` naming that chunk's file; other failures pass unchanged."""
+        try:
+            yield
+        except NeuronSegError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - codecs raise anything (EOFError, struct.error, RuntimeError, ...)
+            error = self._chunk_error(box)
+            if error is None:
+                raise
+            raise error from exc
 
     def _chunk_error(self, box: Box) -> ChunkError | None:
         """After a failed read of ``box``: the first of its chunks that cannot be read, as a
@@ -264,15 +272,10 @@ class Volume:
         def load(piece: Box) -> None:
             (x0, y0, z0), (x1, y1, z1) = piece.start, piece.end
             # decoded straight into the output (zarr copies the chunk's selection once)
-            try:
+            with self._naming_bad_chunks(piece):
                 self.array.get_basic_selection(
                     (slice(z0, z1), slice(y0, y1), slice(x0, x1)), out=out[piece.slices(box.start)[::-1]]
                 )
-            except Exception as exc:  # noqa: BLE001 - see read_zyx
-                error = self._chunk_error(piece)
-                if error is None:
-                    raise
-                raise error from exc
 
         if executor is None:
             for p in pieces:
@@ -288,18 +291,15 @@ class Volume:
         """Write a z,y,x array whose first voxel lands at x,y,z ``start``."""
         (x0, y0, z0) = start
         z1, y1, x1 = z0 + data_zyx.shape[0], y0 + data_zyx.shape[1], x0 + data_zyx.shape[2]
-        try:
-            self.array[z0:z1, y0:y1, x0:x1] = data_zyx
-        except (OSError, KeyError) as exc:
-            error = _os_error(exc)
-            if error is None:
-                raise
-            raise OutputError(write_error_message(f"chunks of {self}", error, self.path)) from exc
-        except Exception as exc:  # noqa: BLE001 - a partly covered chunk is read back first: it may not decode
-            corrupt = self._chunk_error(Box((x0, y0, z0), (x1, y1, z1)))
-            if corrupt is None:
-                raise
-            raise corrupt from exc
+        # a partly covered chunk is read back first: it may not decode
+        with self._naming_bad_chunks(Box((x0, y0, z0), (x1, y1, z1))):
+            try:
+                self.array[z0:z1, y0:y1, x0:x1] = data_zyx
+            except (OSError, KeyError) as exc:
+                error = _os_error(exc)
+                if error is None:
+                    raise
+                raise OutputError(write_error_message(f"chunks of {self}", error, self.path)) from exc
 
     def write_chunk(self, start: XYZ, data_zyx: np.ndarray) -> None:
         """Write one whole chunk (``start`` on the chunk grid, data = the chunk clipped to the image)
@@ -319,7 +319,6 @@ class Volume:
             self.write_zyx(start, data_zyx)
             return
         import struct
-        import uuid
 
         from numcodecs import get_codec
 
