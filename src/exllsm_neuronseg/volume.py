@@ -623,32 +623,37 @@ def creation_identity(path: str | Path) -> str | None:
 def block_identity(path: str | Path) -> str | None:
     """What a block checks to know the output dataset at ``path`` is the one it started writing into,
     read from disk now: the creation identity, or, for a dataset another tool made (the host's own
-    create_n5 when it keeps its processes), its metadata: a digest of the metadata file's content and
-    its modification time (ns), which a replacement by any tool changes. None when no dataset is there."""
+    create_n5 when it keeps its processes), its :func:`_metadata_fingerprint`, which a replacement by
+    any tool changes. None when no dataset is there."""
     identity = creation_identity(path)
     if identity is not None:
         return identity
-    path = Path(path)
-    metadata = path / (".zarray" if _is_zarr_dataset(path) else "attributes.json")
-    try:
-        content, mtime_ns = metadata.read_bytes(), metadata.stat().st_mtime_ns
-    except OSError:
+    fingerprint = _metadata_fingerprint(Path(path))
+    if fingerprint[1] is None:
         return None
-    return f"metadata-{hashlib.sha256(content).hexdigest()[:16]}-{mtime_ns}"
+    return "metadata-{}-{}".format(*fingerprint)
 
 
 def dataset_identity(volume: Volume) -> dict:
     """What a dataset is, for records that must change when the same path names another dataset:
     its resolved container and dataset path, and its creation identity; for a dataset without one
-    (another tool's, an older version's) a digest of its dims, chunks, dtype and compression with
-    the modification time (ns) of its metadata file, which any rewrite of the metadata changes."""
+    (another tool's, an older version's) its :func:`_metadata_fingerprint`."""
     record: dict = {"container": str(Path(volume.container).resolve()), "dataset": volume.dataset}
     identity = creation_identity(volume.path)
     if identity is not None:
         record["identity"] = identity
         return record
-    zarr_format = _is_zarr_dataset(volume.path)
-    metadata = volume.path / (".zarray" if zarr_format else "attributes.json")
+    digest, mtime_ns = _metadata_fingerprint(volume.path)
+    record.update(attributes=digest, mtime_ns=mtime_ns)
+    return record
+
+
+def _metadata_fingerprint(path: Path) -> tuple[str, int | None]:
+    """A dataset without a creation identity, told apart by its metadata file: a digest of its dims,
+    chunks, dtype and compression, and the file's modification time (ns), which any rewrite of the
+    metadata changes (None when there is no metadata file)."""
+    zarr_format = _is_zarr_dataset(path)
+    metadata = path / (".zarray" if zarr_format else "attributes.json")
     keys = ("shape", "chunks", "dtype", "compressor") if zarr_format else ("dimensions", "blockSize", "dataType", "compression")
     content = _json_object(metadata)
     digest = hashlib.sha256(json.dumps({k: content.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
@@ -656,8 +661,7 @@ def dataset_identity(volume: Volume) -> dict:
         mtime_ns = metadata.stat().st_mtime_ns
     except OSError:
         mtime_ns = None
-    record.update(attributes=digest, mtime_ns=mtime_ns)
-    return record
+    return digest, mtime_ns
 
 
 def discard_dataset(path: Path) -> None:
