@@ -195,10 +195,6 @@ def mark_block_done(output: Volume, block: Box, fingerprint: str, identity: str,
         raise OutputError(write_error_message(f"the done marker of block {block} in {output}", exc, output.path)) from exc
 
 
-def clear_block_done(output: Volume, block: Box) -> None:
-    marker_path(output, block).unlink(missing_ok=True)
-
-
 def invalidate_overlapping_markers(output: Volume, block: Box) -> list[Box]:
     """Remove the markers (and leftover partial ones) of every block whose box overlaps ``block``,
     its own included; returns the other blocks whose markers were removed."""

@@ -47,7 +47,7 @@ import numpy as np
 
 from . import codecs
 from .errors import NeuronSegError, OutputError, OutputExistsError, TiffError, VolumeError
-from .geometry import XYZ, Box, format_xyz, parse_xyz, processed_region
+from .geometry import XYZ, Box, format_xyz, grid_cells, parse_xyz, processed_region
 from .volume import (
     Volume,
     check_not_inside_a_dataset,
@@ -484,15 +484,9 @@ def _voxel_size(tif, page) -> tuple[tuple[float, float, float] | None, str | Non
 
 def chunk_boxes(region: Box, chunks: XYZ, shape: XYZ) -> list[Box]:
     """The chunks (cut at the image edge) that meet ``region``, in storage order (x fastest)."""
-    ranges = [range(s // c, -(-e // c)) for s, e, c in zip(region.start, region.end, chunks, strict=True)]
-    boxes = []
-    for kz in ranges[2]:
-        for ky in ranges[1]:
-            for kx in ranges[0]:
-                start = (kx * chunks[0], ky * chunks[1], kz * chunks[2])
-                end = tuple(min(s + c, n) for s, c, n in zip(start, chunks, shape, strict=True))
-                boxes.append(Box(start, end))  # type: ignore[arg-type]
-    return boxes
+    start = tuple(s // c * c for s, c in zip(region.start, chunks, strict=True))
+    end = tuple(min(-(-e // c) * c, n) for e, c, n in zip(region.end, chunks, shape, strict=True))
+    return grid_cells(Box(start, end), chunks)  # type: ignore[arg-type]
 
 
 def subvol_record(region: Box, shape: XYZ) -> list[int] | None:
