@@ -33,7 +33,7 @@ def plan_blocks(
     version: bool = VersionOption,
 ) -> None:
     from exllsm_neuronseg.errors import OutputError
-    from exllsm_neuronseg.geometry import format_xyz, plan_scaling
+    from exllsm_neuronseg.geometry import block_line, format_xyz, plan_scaling
     from exllsm_neuronseg.geometry import plan_blocks as plan
     from exllsm_neuronseg.volume import open_volume
 
@@ -48,7 +48,7 @@ def plan_blocks(
     if Path(output).resolve() == Path(scaling_output).resolve():
         raise OutputError(f"the blocks and the scaling jobs would both be written to {output}: give two files")
     lines = {
-        Path(output): [format_xyz(b.start + b.end) for b in blocks.blocks],
+        Path(output): [block_line(b) for b in blocks.blocks],
         Path(scaling_output): [f"{format_xyz(j.start + j.end)} {scaling.fraction!r}" for j in scaling.jobs],
     }
     for path, text in lines.items():  # each file whole or not at all (a full disk leaves no short list)

@@ -17,7 +17,7 @@ def original_segment(image_xyz: np.ndarray, predictor, scaling: float, start=(0,
     shape = image_xyz.shape
     end = end or shape
     out_edge = predictor.output_shape
-    margin = predictor.margin
+    margin = predictor.context
     origins = [range(s, e, o) for s, e, o in zip(start, end, out_edge)]
     lo = [max(0, s - m) for s, m in zip(start, margin)]
     hi = [min(n, r[-1] + o + m) for n, r, o, m in zip(shape, origins, out_edge, margin)]
@@ -31,7 +31,7 @@ def original_segment(image_xyz: np.ndarray, predictor, scaling: float, start=(0,
         piece = canvas[tuple(slice(a - c, b - c) for a, b, c in zip(inter_lo, inter_hi, lo))]
         pad = [(a - b, c - d) for a, b, c, d in zip(inter_lo, box_lo, box_hi, inter_hi)]
         tile = np.pad(piece, pad, mode="reflect") if any(p != (0, 0) for p in pad) else piece
-        pred = predictor.predict(tile)[0]
+        pred = predictor.predict(tile)
         dst_lo = [o - s for o, s in zip(origin, start)]
         dst_hi = [min(o + oe, e) - s for o, oe, e, s in zip(origin, out_edge, end, start)]
         result[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = pred[

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from exllsm_neuronseg.errors import GeometryError
-from exllsm_neuronseg.inference import TileEngine, fuse_upsampling, stack_last_axis, stack_pointwise
+from exllsm_neuronseg.inference import Predictor, TileEngine, fuse_upsampling, stack_last_axis, stack_pointwise
 from exllsm_neuronseg.unet import PREFERRED_TILE_SHAPE, build_unet, default_tile_shape, output_size, read_model_weights
 
 tf = pytest.importorskip("tensorflow")
@@ -49,6 +49,11 @@ def weights(model_path):
     return read_model_weights(model_path)
 
 
+def engine_for(weights, shape, **options) -> TileEngine:
+    """An engine for ``shape`` (array order); its output shape from the size arithmetic."""
+    return TileEngine(weights, shape, tuple(output_size(s) for s in shape), **options)
+
+
 @pytest.mark.parametrize("axes", ["xyz", "zyx"])
 def test_engine_equals_the_keras_model_on_a_non_cubic_tile(weights, axes):
     """Logits, probability and argmax of the rewritten graph match the Keras model; small slabs and
@@ -59,13 +64,13 @@ def test_engine_equals_the_keras_model_on_a_non_cubic_tile(weights, axes):
     model = build_unet(shape, weights.config)
     weights.apply_to(model, axes)
     expected = model(x[None, ..., None], training=False).numpy()[0]
-    engine = TileEngine(weights, shape, axes=axes, slab_rows=6)
+    engine = engine_for(weights, shape, axes=axes, slab_rows=6)
     logits = engine.predict_logits(x)
     assert logits.shape == (28, 12, 44, 2)
     np.testing.assert_allclose(logits, expected, atol=2e-4, rtol=0)
     probability = engine.predict(x)
     np.testing.assert_allclose(probability, tf.nn.softmax(expected).numpy()[..., 1], atol=1e-5)
-    binary = TileEngine(weights, shape, axes=axes, binary=True, slab_rows=6).predict(x)
+    binary = engine_for(weights, shape, axes=axes, binary=True, slab_rows=6).predict(x)
     assert binary.dtype == np.uint8
     decided = np.abs(expected[..., 1] - expected[..., 0]) > 1e-3
     np.testing.assert_array_equal(binary[decided], expected.argmax(-1)[decided])
@@ -75,19 +80,18 @@ def test_engine_scales_raw_input_and_ignores_slab_size(weights):
     shape = (108, 108, 108)
     raw = np.random.default_rng(3).integers(0, 3000, size=shape).astype(np.uint16)
     scale = 0.0007
-    a = TileEngine(weights, shape, slab_rows=4).predict(raw, scale)
-    b = TileEngine(weights, shape, slab_rows=32).predict(raw.astype(np.float32) * np.float32(scale))
+    a = engine_for(weights, shape, slab_rows=4).predict(raw, scale)
+    b = engine_for(weights, shape, slab_rows=32).predict(raw.astype(np.float32) * np.float32(scale))
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_engine_refuses_bad_shapes(weights):
+def test_predictor_refuses_bad_shapes(model_path):
     with pytest.raises(GeometryError, match="edge 110 is not allowed"):
-        TileEngine(weights, (110, 108, 108))
+        Predictor(model_path, (110, 108, 108))
     with pytest.raises(GeometryError, match="even number"):
-        TileEngine(weights, (108, 108, 108), slab_rows=5)
-    engine = TileEngine(weights, (108, 108, 108))
+        Predictor(model_path, (108, 108, 108), slab_rows=5)
     with pytest.raises(GeometryError, match="built for"):
-        engine.predict(np.zeros((100, 108, 108), np.float32))
+        Predictor(model_path, (108, 108, 108)).predict(np.zeros((100, 108, 108), np.float32))
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ def original_output(synthetic_n5, model_path):
     """The original tool's algorithm (tiles anchored at the volume start, 220^3) on the volume."""
     from reference_original import original_segment
 
-    from exllsm_neuronseg.unet import cached_predictor
+    from exllsm_neuronseg.inference import cached_predictor
 
     _, image = synthetic_n5
     return original_segment(image, cached_predictor(model_path, (220, 220, 220)), SCALING)

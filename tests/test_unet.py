@@ -37,9 +37,9 @@ def golden_logits(model_path):
 
 @pytest.fixture(scope="session")
 def golden_probability(model_path):
-    from exllsm_neuronseg.unet import cached_predictor
+    from exllsm_neuronseg.inference import cached_predictor
 
-    return cached_predictor(model_path, (220, 220, 220)).predict(golden_input())[0]
+    return cached_predictor(model_path, (220, 220, 220)).predict(golden_input())
 
 
 def test_golden_probability_summary(golden_probability):
@@ -77,19 +77,19 @@ def test_golden_logits(golden_logits):
 
 
 def test_binary_predictor_is_argmax(model_path, golden_logits):
-    from exllsm_neuronseg.unet import cached_predictor
+    from exllsm_neuronseg.inference import cached_predictor
 
-    mask = cached_predictor(model_path, (220, 220, 220), binary=True).predict(golden_input())[0]
+    mask = cached_predictor(model_path, (220, 220, 220), binary=True).predict(golden_input())
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, golden_logits.argmax(-1).astype(np.uint8))
 
 
 def test_any_valid_tile_size_runs_the_same_weights(model_path, golden_probability):
     """Rebuilt at 228 (output 140), the centre agrees with the 220 run shifted by 4 voxels."""
-    from exllsm_neuronseg.unet import cached_predictor
+    from exllsm_neuronseg.inference import cached_predictor
 
     x = np.pad(golden_input(), 4, mode="reflect")
-    p = cached_predictor(model_path, (228, 228, 228)).predict(x)[0]
+    p = cached_predictor(model_path, (228, 228, 228)).predict(x)
     assert p.shape == (140, 140, 140)
     np.testing.assert_allclose(p[4:-4, 4:-4, 4:-4], golden_probability, atol=1e-5)
 
@@ -161,7 +161,7 @@ def test_save_and_reload_roundtrip(tmp_path, model_path):
 
 def test_zyx_predictor_is_the_same_function(model_path, golden_probability):
     """Mirrored kernels on z,y,x arrays give the x,y,z model's output, transposed."""
-    from exllsm_neuronseg.unet import cached_predictor
+    from exllsm_neuronseg.inference import cached_predictor
 
-    p = cached_predictor(model_path, (220, 220, 220), axes="zyx").predict(golden_input().transpose(2, 1, 0))[0]
+    p = cached_predictor(model_path, (220, 220, 220), axes="zyx").predict(golden_input().transpose(2, 1, 0))
     np.testing.assert_allclose(p.transpose(2, 1, 0), golden_probability, atol=1e-5)

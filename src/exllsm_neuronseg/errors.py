@@ -36,6 +36,10 @@ class ChunkError(VolumeError):
     """An input chunk file that cannot be read or decoded (truncated, garbage, unreadable)."""
 
 
+class PrecisionError(NeuronSegError, ValueError):
+    """A compute precision this machine cannot run the model in (or one that is not known)."""
+
+
 class ParameterError(NeuronSegError, ValueError):
     """A numeric setting outside its allowed range (thresholds, sizes, seeds, thread counts)."""
 

@@ -189,6 +189,53 @@ class TileGrid:
         return math.prod(len(r) for r in self.tile_indices(box))
 
 
+def block_line(box: Box) -> str:
+    """A block as one line of a block plan file: ``x0,y0,z0,x1,y1,z1`` (end-exclusive)."""
+    return format_xyz(box.start + box.end)
+
+
+def parse_block_line(line: str, where: str = "block") -> Box:
+    """The block of one plan line ``x0,y0,z0,x1,y1,z1`` (anything after the first blank is ignored)."""
+    text = line.strip().split()[0] if line.strip() else ""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 6:
+        raise GeometryError(f"{where}: {line.strip()!r} is not a block 'x0,y0,z0,x1,y1,z1'")
+    return Box(tuple(values[:3]), tuple(values[3:]))  # type: ignore[arg-type]
+
+
+def read_block_plan(text: str, source: str = "block plan") -> list[Box]:
+    """The blocks of a plan file's text (``plan_blocks.py -o``): one ``x0,y0,z0,x1,y1,z1`` per
+    non-empty line, in order."""
+    return [parse_block_line(line, f"{source} line {n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def select_indices(spec: str, count: int, what: str = "block") -> list[int]:
+    """Indices from ``"0,3-5,9"`` (0-based, ranges inclusive), each in ``[0, count)``, in the order
+    given, without repeats; ``""`` or ``"all"`` selects all."""
+    text = spec.strip()
+    if text in ("", "all"):
+        return list(range(count))
+    chosen: list[int] = []
+    for part in text.split(","):
+        piece = part.strip()
+        a, dash, b = piece.partition("-")
+        try:
+            lo, hi = (int(a), int(b)) if dash else (int(piece), int(piece))
+        except ValueError:
+            raise GeometryError(f"{what} index {piece!r} in {spec!r} is not a number or a range a-b") from None
+        if lo > hi:
+            raise GeometryError(f"{what} index range {piece!r} runs backwards")
+        for i in range(lo, hi + 1):
+            if not 0 <= i < count:
+                raise GeometryError(f"{what} index {i} is out of range: the plan has {count} {what}s (0..{count - 1})")
+            if i not in chosen:
+                chosen.append(i)
+    return chosen
+
+
 def processed_region(partial_volume: str | Sequence[int] | None, image_shape: XYZ) -> Box:
     """The region a run processes, from the host's ``partial_volume`` ``"x0,y0,z0,dx,dy,dz"``.
 

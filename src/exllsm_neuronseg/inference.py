@@ -33,14 +33,29 @@ first axis and stacking uses the last.
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import GeometryError
-from .unet import ModelWeights, check_tile_shapes, skip_crops, skip_sizes
+from .errors import GeometryError, PrecisionError
+from .geometry import TileGrid
+from .unet import (
+    ModelWeights,
+    UNetConfig,
+    check_tile_shapes,
+    default_tile_shape,
+    margin,
+    output_size,
+    read_model_weights,
+    skip_crops,
+    skip_sizes,
+    valid_input_sizes,
+)
 
 Kernel = tuple[np.ndarray, np.ndarray]  # (kernel, bias)
 
@@ -172,16 +187,20 @@ class TileEngine:
         self,
         weights: ModelWeights,
         input_shape: Sequence[int],
+        output_shape: Sequence[int],
         axes: str = "xyz",
         binary: bool = False,
         slab_rows: int = 32,
+        precision: str = "fp32",
     ) -> None:
+        # shapes come checked from the Predictor, the one place that validates them
         tf = import_tensorflow()
         config = weights.config
         self.config = config
         self.binary = binary
         self.n_classes = config.n_classes
-        self.input_shape, self.output_shape = check_tile_shapes(input_shape, None, config.n_blocks)
+        self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
+        self.dtype = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}[precision]
         if slab_rows < 2 or slab_rows % 2:
             raise GeometryError(f"slab_rows must be an even number >= 2, got {slab_rows}")
         self.slab_rows = slab_rows
@@ -189,7 +208,9 @@ class TileEngine:
             _axis_geometry(t, config.n_blocks, o) for t, o in zip(self.input_shape, self.output_shape)
         ]
         self._tf = tf
-        const = lambda a: tf.constant(np.asarray(a, np.float32))  # noqa: E731
+        # weights in the compute precision; the last 1x1 convolution and the softmax/sigmoid stay float32
+        const = lambda a: tf.cast(tf.constant(np.asarray(a, np.float32)), self.dtype)  # noqa: E731
+        const32 = lambda a: tf.constant(np.asarray(a, np.float32))  # noqa: E731
         k = weights.kernels(axes)
         nb = config.n_blocks
         inb, downs, bott, ups, outb = k["input"], k["down"], k["bottleneck"], k["up"], k["output"]
@@ -230,13 +251,13 @@ class TileEngine:
         self._out_up = (const(fk), const(np.tile(fb, 2)), co)
         self._out_skip = const(stack_last_axis(skip_k))
         self._out2 = (const(stack_last_axis(outb[1][0])), const(np.tile(outb[1][1], 2)))
-        self._logits = (const(stack_pointwise(outb[2][0])), const(np.tile(outb[2][1], 2)))
+        self._logits = (const32(stack_pointwise(outb[2][0])), const32(np.tile(outb[2][1], 2)))
         if self.n_classes == 2:
             # softmax channel 1 of two logits is sigmoid(l1 - l0): one 1x1 conv to the difference
             # (its weights are differences of the logits' weights), and no softmax over a 2-wide
             # axis, which on CPU costs more than the rest of the output block but its convolutions.
             w, b = outb[2]
-            self._margin = (const(stack_pointwise(w[..., 1:2] - w[..., 0:1])), const(np.tile(b[1:2] - b[0:1], 2)))
+            self._margin = (const32(stack_pointwise(w[..., 1:2] - w[..., 0:1])), const32(np.tile(b[1:2] - b[0:1], 2)))
         self._functions: dict[tuple, Any] = {}
         self._mid = self._function(("middle",), self._middle)
 
@@ -280,7 +301,7 @@ class TileEngine:
         tf = self._tf
         convs, channels, window = self._slabbed[level]
         if level == 0:
-            rows = (tf.cast(rows, tf.float32) * scale)[None, ..., None]
+            rows = tf.cast(tf.cast(rows, tf.float32) * scale, self.dtype)[None, ..., None]
         n, r, n1, n2, c = rows.shape
         x = tf.reshape(rows, [n, r, n1, n2 // 2, 2 * c])
         x = self._conv(self._conv(x, convs[0]), convs[1])  # (1, rows - 4, Y, X/2, 2*channels)
@@ -322,6 +343,7 @@ class TileEngine:
         # conv -> bias -> add -> relu: the pattern oneDNN runs as one fused convolution
         x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv3d(skip, self._out_skip, [1, 1, 1, 1, 1], "VALID"), fb) + up)
         x = self._conv(x, self._out2)
+        x = tf.cast(x, tf.float32)  # the logits and what follows in float32, whatever the precision
         if mode != "logits" and self.n_classes == 2:
             margin = self._conv(x, self._margin, relu=False)  # (1, rows, Y, X/2, 2): l1 - l0
             _, rows, ny, nx2, _ = margin.shape
@@ -424,3 +446,270 @@ def _depth_to_space(tf, y, channels: int, stacked: bool):
     if stacked:
         return tf.reshape(y, [n, 2 * a, 2 * b, c, 2 * channels])
     return tf.reshape(y, [n, 2 * a, 2 * b, 2 * c, channels])
+
+
+# --------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_precision_name(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"precision {precision!r} is not known: use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty where that cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def check_precision_supported(precision: str, tf) -> str:
+    """Raise :class:`PrecisionError` unless this machine runs ``precision`` fast; returns the device
+    it will run on ("GPU" or "CPU").
+
+    float32 runs everywhere.  On a GPU: bfloat16 needs compute capability 8.0 or newer (Ampere),
+    float16 runs on all of TensorFlow's GPUs (tensor cores from 7.0).  On a CPU: bfloat16 needs
+    the AVX512_BF16 or AMX-BF16 instructions (elsewhere TensorFlow emulates it, slower than
+    float32); float16 convolutions are not accelerated on CPUs by TensorFlow, so it is refused.
+    """
+    check_precision_name(precision)
+    gpus = tf.config.list_physical_devices("GPU")
+    if precision == "fp32":
+        return "GPU" if gpus else "CPU"
+    if gpus:
+        if precision == "bf16":
+            details = tf.config.experimental.get_device_details(gpus[0])
+            capability = details.get("compute_capability") or (0, 0)
+            if tuple(capability) < (8, 0):
+                raise PrecisionError(
+                    f"bf16 needs a GPU of compute capability 8.0 or newer; {details.get('device_name', 'this GPU')} has "
+                    f"{'.'.join(map(str, capability))}: use fp16 or fp32"
+                )
+        return "GPU"
+    flags = cpu_flags()
+    if precision == "fp16":
+        raise PrecisionError("fp16 runs on GPUs only (TensorFlow has no fast float16 convolutions on CPUs): use bf16 or fp32 here")
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        raise PrecisionError(
+            "bf16 needs a GPU or a CPU with AVX512_BF16 or AMX-BF16 instructions, and this CPU has neither "
+            "(bf16 would run slower than fp32 here): use fp32"
+        )
+    return "CPU"
+
+
+# --------------------------------------------------------------------------------------------
+# The running model
+# --------------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """The running model: the one owner of the weights, the tile shapes and the model's fingerprint.
+
+    The model file is read once (its bytes hashed, then parsed), the tile shapes resolved and
+    checked once, and the TensorFlow engine (:class:`TileEngine`) built on first use, so a caller
+    that never needs the model (every tile constant, with recorded answers) never loads TensorFlow.
+
+    Tile shapes (x,y,z): ``input_shape``; or ``output_shape`` alone (input = output + twice the
+    context); or neither, and the default for ``image_shape`` (:func:`.unet.default_tile_shape`).
+    ``axes="zyx"`` takes and returns arrays in z,y,x (N5 storage) order (the kernels are mirrored).
+    ``precision`` is ``fp32`` (default), ``bf16`` or ``fp16`` (:func:`check_precision_supported`).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        input_shape: Sequence[int] | None = None,
+        output_shape: Sequence[int] | None = None,
+        image_shape: Sequence[int] | None = None,
+        *,
+        binary: bool = False,
+        axes: str = "xyz",
+        precision: str = "fp32",
+        slab_rows: int = 32,
+    ) -> None:
+        from .errors import ModelError
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist" if not path.exists() else f"model file {path} is not a file")
+        data = path.read_bytes()
+        self.path = path
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.weights = read_model_weights(path, data=data)
+        del data
+        self.config: UNetConfig = self.weights.config
+        nb = self.config.n_blocks
+        if input_shape is None and output_shape is not None:  # an output shape alone sets the tile too
+            input_shape = tuple(int(o) + 2 * margin(nb) for o in output_shape)
+        if input_shape is None:
+            if image_shape is None:
+                raise GeometryError("a tile shape, or the image shape to choose one for, is needed")
+            input_shape = default_tile_shape(image_shape, nb)
+        self.input_shape, self.output_shape = check_tile_shapes(input_shape, output_shape, nb)
+        self.grid = TileGrid(self.input_shape, self.output_shape, self.config.tile_grid)
+        if axes not in ("xyz", "zyx"):
+            raise ValueError(f"axes must be 'xyz' or 'zyx', got {axes!r}")
+        if slab_rows < 2 or slab_rows % 2:
+            raise GeometryError(f"slab_rows must be an even number >= 2, got {slab_rows}")
+        self.binary, self.axes, self.slab_rows = binary, axes, slab_rows
+        self.precision = check_precision_name(precision)
+        self.device = None
+        if precision != "fp32":  # refused now, before any block starts (this loads TensorFlow)
+            self.device = check_precision_supported(precision, import_tensorflow())
+        self._engine: TileEngine | None = None
+        self._patterns: dict[tuple, np.ndarray] = {}
+
+    # ---- what callers plan with -------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        """The model file's sha256."""
+        return self.sha256
+
+    @property
+    def context(self) -> tuple[int, int, int]:
+        return self.grid.context
+
+    def flops_per_tile(self) -> float:
+        """Convolution FLOPs of the original graph for one tile (the useful work; the engine's
+        rewritten graph does fewer)."""
+        from .unet import conv_flops
+
+        return conv_flops(self.input_shape, self.config)
+
+    def _array(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(shape) if self.axes == "xyz" else tuple(shape)[::-1]
+
+    @property
+    def engine(self) -> TileEngine:
+        """The TensorFlow engine for this tile shape, built (and TensorFlow loaded) on first use."""
+        if self._engine is None:
+            self._engine = self._new_engine(self.input_shape, self.output_shape)
+        return self._engine
+
+    @property
+    def engine_loaded(self) -> bool:
+        return self._engine is not None
+
+    def _new_engine(self, input_shape, output_shape) -> TileEngine:
+        return TileEngine(
+            self.weights,
+            self._array(input_shape),
+            self._array(output_shape),
+            axes=self.axes,
+            binary=self.binary,
+            slab_rows=self.slab_rows,
+            precision=self.precision,
+        )
+
+    # ---- prediction ---------------------------------------------------------------------------
+
+    def predict(self, tile: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """Probability (float32) or, with ``binary``, the argmax (uint8) of one tile (array order)."""
+        return self.engine.predict(tile, scale)
+
+    def predict_logits(self, tile: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """Raw logits ``(*output_shape, n_classes)`` of one tile (array order)."""
+        return self.engine.predict_logits(tile, scale)
+
+    def constant_output(self, value, dtype, scale: float, store: Path | None = None) -> np.ndarray:
+        """The output of a tile whose whole input is ``value`` (of ``dtype``), without running the model.
+
+        With valid convolutions a constant input gives constant encoder tensors; each transposed
+        convolution makes them periodic (period 2, 4, ... on the finer levels), so the output is
+        periodic with the model grid (8 for two levels) from the tile's origin, the same for every
+        tile shape.  One period is computed once per value and scaling, on the smallest tile whose
+        output holds it, and kept for the process; with ``store`` (a folder beside the output) it is
+        also recorded there, so later processes need no model at all for it.  Equal to running the
+        model on the constant tile up to float rounding (tests compare).
+        """
+        pattern = self.constant_period(value, dtype, scale, store)
+        g = pattern.shape[0]
+        out = self._array(self.output_shape)
+        return np.tile(pattern, [-(-o // g) for o in out])[tuple(slice(0, o) for o in out)]
+
+    def constant_period(self, value, dtype, scale: float, store: Path | None = None) -> np.ndarray:
+        """One period (``g``^3, g the model grid) of the output for a constant input ``value``."""
+        dtype = np.dtype(dtype)
+        value = dtype.type(value)
+        scale32 = np.float32(scale)
+        key = (dtype.str, value.tobytes(), scale32.tobytes())
+        pattern = self._patterns.get(key)
+        if pattern is not None:
+            return pattern
+        g = self.config.tile_grid
+        out_dtype = np.dtype(np.uint8 if self.binary else np.float32)
+        record = None
+        if store is not None:
+            identity = {
+                "model_sha256": self.sha256,
+                "precision": self.precision,
+                "binary": self.binary,
+                "axes": self.axes,
+                "dtype": dtype.str,
+                "value": repr(value.item()),
+                "scale": repr(float(scale32)),
+            }
+            name = hashlib.sha256(repr(sorted(identity.items())).encode()).hexdigest()[:32]
+            record = Path(store) / f"{name}.npy"
+            try:
+                kept = np.load(record, allow_pickle=False)
+                if kept.shape == (g, g, g) and kept.dtype == out_dtype:
+                    pattern = kept
+            except (OSError, ValueError):
+                pass
+        if pattern is None:
+            edge = next(s for s in valid_input_sizes(self.config.n_blocks, 4096) if output_size(s, self.config.n_blocks) >= g)
+            small = output_size(edge, self.config.n_blocks)
+            engine = self._new_engine((edge,) * 3, (small,) * 3)
+            pattern = np.ascontiguousarray(engine.predict(np.full((edge,) * 3, value, dtype), float(scale32))[:g, :g, :g])
+            del engine
+            if record is not None:
+                _save_record(record, pattern)
+        self._patterns[key] = pattern
+        return pattern
+
+
+def _save_record(path: Path, array: np.ndarray) -> None:
+    """Write a ``.npy`` atomically (a temporary name, then renamed); a record that cannot be written
+    is only a lost shortcut."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def cached_predictor(
+    model_path: str | Path,
+    input_shape: Sequence[int],
+    binary: bool = False,
+    axes: str = "xyz",
+    precision: str = "fp32",
+) -> Predictor:
+    """A :class:`Predictor`, reused in this process while the model file is unchanged (tests and
+    notebooks call it often; a segmentation run builds its one predictor itself)."""
+    stat = Path(model_path).stat()
+    key = (str(Path(model_path).resolve()), stat.st_mtime_ns, stat.st_size, tuple(input_shape), binary, axes, precision)
+    predictor = _PREDICTORS.get(key)
+    if predictor is None:
+        if len(_PREDICTORS) >= 4:
+            _PREDICTORS.pop(next(iter(_PREDICTORS)))
+        predictor = _PREDICTORS[key] = Predictor(model_path, input_shape, binary=binary, axes=axes, precision=precision)
+    return predictor
+
+
+_PREDICTORS: dict[tuple, Predictor] = {}

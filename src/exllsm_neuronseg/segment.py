@@ -52,7 +52,7 @@ import numpy as np
 
 from . import testhook
 from .errors import GeometryError, InputValueError, OutputError
-from .geometry import XYZ, Box, TileGrid, check_block, check_chunk_aligned, format_xyz
+from .geometry import XYZ, Box, check_block, check_chunk_aligned, format_xyz
 from .postprocess import check_thresholds, post_process
 from .scaling import check_scaled_values, check_scaling_factor, intensity_histogram, scaling_factor_from_histogram
 from .volume import (
@@ -69,11 +69,12 @@ from .volume import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .unet import UNetConfig
+    from .inference import Predictor
 
 log = logging.getLogger(__name__)
 
 DONE_DIR = ".exllsm-done"
+CONSTANT_DIR = ".exllsm-constant"  # the model's answers to constant tiles (see Predictor.constant_output)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,13 @@ class SegmentationResult:
     write_seconds: float = 0.0
     skipped: bool = False
     flops: float = 0.0
+    model_tiles: int = 0  # tiles the model ran on
+    constant_tiles: int = 0  # tiles of one input value: the recorded answer
+    background_tiles: int = 0  # tiles outside the mask: background
+
+    @property
+    def skipped_tiles(self) -> int:
+        return self.constant_tiles + self.background_tiles
 
     @property
     def voxels(self) -> int:
@@ -123,8 +131,14 @@ class SegmentationResult:
     def summary(self) -> str:
         if self.skipped:
             return f"block {self.block}: already done (marker present), skipped"
+        skipped = []
+        if self.constant_tiles:
+            skipped.append(f"{self.constant_tiles} constant")
+        if self.background_tiles:
+            skipped.append(f"{self.background_tiles} outside the mask")
+        without = f" ({', '.join(skipped)}: no model)" if skipped else ""
         return (
-            f"block {self.block}: {self.tiles} tiles in {self.seconds:.1f} s, "
+            f"block {self.block}: {self.tiles} tiles{without} in {self.seconds:.1f} s, "
             f"{self.mvox_per_s:.2f} Mvox/s, scaling {self.scaling:.6g}"
         )
 
@@ -370,26 +384,46 @@ def _chunk_piece(box: Box, chunks: XYZ) -> Box:
     return Box(start, tuple(s + c for s, c in zip(start, chunks)))  # type: ignore[arg-type]
 
 
-def plan_block(
+def _resolve_predictor(
+    model: "str | Path | Predictor",
     input_volume: Volume,
-    start: Sequence[int],
-    end: Sequence[int],
-    input_shape: Sequence[int],
+    input_shape: Sequence[int] | None,
     output_shape: Sequence[int] | None,
-    config: UNetConfig,
-) -> tuple[Box, TileGrid]:
-    """Validate a block and the tile shapes and return the block box and the model's tile grid."""
-    from .unet import check_tile_shapes
+    binary: bool,
+    precision: str,
+) -> "Predictor":
+    """The running model for a block: the one given (checked against the block's settings), or a new one."""
+    from .inference import Predictor
 
-    block = check_block(tuple(start), tuple(end), input_volume.shape)  # type: ignore[arg-type]
-    tile_in, tile_out = check_tile_shapes(input_shape, output_shape, config.n_blocks)
-    return block, TileGrid(tile_in, tile_out, config.tile_grid)
+    if not isinstance(model, Predictor):
+        return Predictor(model, input_shape, output_shape, input_volume.shape, binary=binary, axes="zyx", precision=precision)
+    if model.axes != "zyx" or model.binary != binary or model.precision != precision:
+        raise ValueError(
+            f"the predictor was built for axes {model.axes}, binary {model.binary}, precision {model.precision}; "
+            f"this block needs zyx, {binary}, {precision}"
+        )
+    if input_shape is not None and tuple(input_shape) != model.input_shape:
+        raise GeometryError(f"tile shape {format_xyz(input_shape)} given to a predictor for {format_xyz(model.input_shape)} tiles")
+    if output_shape is not None and tuple(output_shape) != model.output_shape:
+        raise GeometryError(f"tile output shape {format_xyz(output_shape)} given to a predictor for {format_xyz(model.output_shape)}")
+    return model
+
+
+def _check_alignment(block: Box, output_volume: Volume, region: Box | None, allow_unaligned: bool) -> bool:
+    """Whether the block is unaligned (allowed); raises :class:`GeometryError` if it is and that is not allowed."""
+    try:
+        check_chunk_aligned(block, output_volume.chunks, output_volume.shape, region)
+        return False
+    except GeometryError:
+        if not allow_unaligned:
+            raise
+        return True
 
 
 def segment_block(
     input_volume: Volume,
     output_volume: Volume,
-    model_path: str | Path,
+    model: "str | Path | Predictor",
     start: Sequence[int],
     end: Sequence[int],
     scaling: float | None = None,
@@ -404,8 +438,14 @@ def segment_block(
     io_threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] = log.warning,
+    skip_constant: bool = True,
+    mask: Volume | None = None,
+    precision: str = "fp32",
 ) -> SegmentationResult:
     """Segment ``[start, end)`` (x,y,z, end-exclusive) of ``input_volume`` into ``output_volume``.
+
+    ``model`` is a model file or a :class:`.inference.Predictor` (built for z,y,x arrays; pass one
+    to run several blocks with one model load, see :func:`segment_blocks`).
 
     Everything is validated before the first voxel is written: block inside the image, tile
     shapes valid for the model, output dims and dtype, chunk alignment (unless
@@ -418,6 +458,13 @@ def segment_block(
     checked and kept for the original's flag).  ``progress(tiles_done, tiles_total)`` is called
     after every tile.
 
+    ``skip_constant``: a tile whose whole input (context included) is one value gets the model's
+    answer to that value (:meth:`.inference.Predictor.constant_output`, recorded beside the output
+    in ``<dataset>/.exllsm-constant``) without running the model; equal to running it up to float
+    rounding.  ``mask`` (a volume of any shape, nonzero = tissue, scaled to the image): a tile whose
+    owned box holds no tissue is written as background (0) without the model; not exact, so off
+    unless given.  ``precision``: ``fp32``, ``bf16`` or ``fp16`` (:mod:`.inference`).
+
     Done markers (see the module docstring): a block whose own marker matches
     its settings and the output's creation identity is skipped (unless ``skip_done`` is false);
     otherwise the markers of every block overlapping it are removed before its first chunk, the
@@ -425,30 +472,21 @@ def segment_block(
     written only if it is unchanged (else :class:`OutputError`).  A block that is not aligned runs
     under the output's unaligned lock (:func:`unaligned_lock`).
     """
-    from .unet import cached_predictor, default_tile_shape, margin, read_model_weights
-
     t_start = time.perf_counter()
-    weights = read_model_weights(model_path)  # fails fast on a bad model file
-    if input_shape is None and output_shape is not None:  # an output shape alone sets the tile too
-        input_shape = tuple(int(o) + 2 * margin(weights.config.n_blocks) for o in output_shape)
-    if input_shape is None:
-        input_shape = default_tile_shape(input_volume.shape, weights.config.n_blocks)
-    block, grid = plan_block(input_volume, start, end, input_shape, output_shape, weights.config)
+    predictor = _resolve_predictor(model, input_volume, input_shape, output_shape, binary, precision)
+    grid = predictor.grid
+    block = check_block(tuple(start), tuple(end), input_volume.shape)  # type: ignore[arg-type]
     if same_dataset(input_volume.container, input_volume.dataset, output_volume.container, output_volume.dataset):
         raise OutputError(f"the output {output_volume} is the input dataset itself: segment into another dataset")
     check_output_volume(output_volume, input_volume.shape, binary)
     output_identity = _output_identity(output_volume, warn)
-    try:
-        check_chunk_aligned(block, output_volume.chunks, output_volume.shape, region)
-        unaligned = False
-    except GeometryError:
-        if not allow_unaligned:
-            raise
-        unaligned = True
+    unaligned = _check_alignment(block, output_volume, region, allow_unaligned)
     if batch_size < 1:
         raise GeometryError(f"batch size {batch_size} must be >= 1")
     if scaling is not None:
         check_scaling_factor(scaling, input_volume.dtype)  # refused before anything is read
+    if mask is not None:
+        check_mask(mask)
     io_threads = io_thread_count(io_threads, warn)
     if post_processing is not None and block != (region if region is not None else input_volume.box):
         warn(BLOCK_POST_PROCESSING_WARNING)
@@ -467,13 +505,18 @@ def segment_block(
             scaling = block_scaling_factor(input_volume, block, grid.context, executor)
         scaling = check_scaling_factor(scaling, input_volume.dtype)
         settings = {
-            "model_sha256": _file_digest(model_path),
+            "model_sha256": predictor.fingerprint,
             "scaling": repr(float(scaling)),
             "input": dataset_identity(input_volume),  # resolved location and identity, not the path as typed
             "tile": grid.input_shape,
             "binary": binary,
             "post_processing": asdict(post_processing) if post_processing else None,
         }
+        # settings added later appear only when not at their default, so older markers stay valid
+        if predictor.precision != "fp32":
+            settings["precision"] = predictor.precision
+        if mask is not None:
+            settings["mask"] = dataset_identity(mask)
         fingerprint = run_fingerprint(settings)
         n_tiles = grid.count(block)
         if skip_done and block_is_done(output_volume, block, fingerprint):
@@ -492,26 +535,32 @@ def segment_block(
 
         window = block.grow(grid.context)  # the input the block's voxels depend on (reflected beyond the image)
 
-        def read_tile(index: tuple[int, int, int]) -> tuple[np.ndarray, float]:
-            """One tile's input in z,y,x storage order and raw dtype (read one tile ahead).
+        def read_tile(index: tuple[int, int, int]) -> tuple[np.ndarray | None, str, float]:
+            """One tile's input in z,y,x storage order and raw dtype (read one tile ahead), and how
+            it is to be computed: ``model``, ``constant`` (the tile is one value: a 1-voxel array of
+            it is returned) or ``background`` (outside the mask: nothing is read).
 
             Float input: the part of the tile inside the block's window must be finite and stay
             finite when scaled (one min and one max; integer input is not looked at)."""
             t = time.perf_counter()
+            if mask is not None and not mask_has_tissue(mask, grid.owned(index).intersect(input_volume.box), input_volume.shape):
+                return None, "background", time.perf_counter() - t
             box = grid.input_box(index)
             tile = input_volume.read_reflect_zyx(box, executor)
             if tile.dtype.kind == "f" and not check_scaled_values(tile[box.intersect(window).slices(box.start)[::-1]], scaling):
                 input_volume.check_finite(window.intersect(input_volume.box), executor)  # raises: how many, the first
                 raise InputValueError(f"{input_volume} holds NaN or infinite voxels near {box}")  # pragma: no cover
-            return tile, time.perf_counter() - t
+            if skip_constant and _is_constant(tile):
+                return tile.reshape(-1)[:1].copy(), "constant", time.perf_counter() - t
+            return tile, "model", time.perf_counter() - t
 
         rx, ry, rz = grid.tile_indices(block)
         order = [(kx, ky, kz) for kz in rz for ky in ry for kx in rx]  # storage order: x fastest
-        next_tile = prefetcher.submit(read_tile, order[0])  # reads while TensorFlow loads
-        predictor = cached_predictor(model_path, grid.input_shape, batch_size=batch_size, binary=binary, axes="zyx")
+        next_tile = prefetcher.submit(read_tile, order[0])
         result = SegmentationResult(block, n_tiles, 0.0, scaling)
-        result.flops = predictor.flops_per_tile() * n_tiles
         out_dtype = np.dtype(np.uint8) if binary else np.dtype(np.float32)
+        out_shape_zyx = grid.output_shape[::-1]
+        records = output_volume.path / CONSTANT_DIR
         # temporary files of this block's chunk writes that a killed run left (its own chunks only)
         output_volume.remove_partial_chunk_files(block, whole_chunks_only=allow_unaligned)
         results = _OutputChunks(
@@ -524,13 +573,22 @@ def segment_block(
         )
         factor = float(np.float32(scaling))
         for done, index in enumerate(order, start=1):
-            tile, read_s = next_tile.result()
+            tile, how, read_s = next_tile.result()
             result.read_seconds += read_s
             if done < len(order):
                 next_tile = prefetcher.submit(read_tile, order[done])
             # the engine mirrors its kernels for z,y,x and scales in float32 on the way in
             t = time.perf_counter()
-            predicted = predictor.predict(tile, factor)[0]
+            if how == "model":
+                predicted = predictor.predict(tile, factor)
+                result.flops += predictor.flops_per_tile()
+                result.model_tiles += 1
+            elif how == "constant":
+                predicted = predictor.constant_output(tile[0], tile.dtype, factor, records)
+                result.constant_tiles += 1
+            else:
+                predicted = np.broadcast_to(np.zeros((), out_dtype), out_shape_zyx)
+                result.background_tiles += 1
             result.compute_seconds += time.perf_counter() - t
             del tile
             target = grid.owned(index).intersect(block)
@@ -568,6 +626,108 @@ def segment_block(
         held.close()
 
 
+def _is_constant(tile: np.ndarray) -> bool:
+    """Whether every voxel of the tile has one value (one min and one max over the tile)."""
+    flat = tile.reshape(-1)
+    first = flat[0]
+    return bool(flat.min() == first and flat.max() == first)
+
+
+# --------------------------------------------------------------------------------------------
+# Masks: where the tissue is
+# --------------------------------------------------------------------------------------------
+
+
+def check_mask(mask: Volume) -> None:
+    if len(mask.shape) != 3 or min(mask.shape) < 1:
+        raise GeometryError(f"the mask {mask} has shape {mask.shape}: a mask is a 3-D dataset")
+
+
+def mask_box(box: Box, mask_shape: XYZ, image_shape: XYZ) -> Box:
+    """The mask voxels covering image ``box``: the mask is stretched over the image, axis by axis
+    (mask voxel ``m`` covers image voxels ``[m*n/k, (m+1)*n/k)`` for an image edge n and mask edge k)."""
+    start = tuple(s * k // n for s, k, n in zip(box.start, mask_shape, image_shape))
+    end = tuple(max(-(-e * k // n), a + 1) for e, k, n, a in zip(box.end, mask_shape, image_shape, start))
+    return Box(start, tuple(min(e, k) for e, k in zip(end, mask_shape)))  # type: ignore[arg-type]
+
+
+def mask_has_tissue(mask: Volume, box: Box, image_shape: XYZ) -> bool:
+    """Whether any mask voxel covering image ``box`` is nonzero."""
+    return bool(np.any(mask.read_zyx(mask_box(box, mask.shape, image_shape))))
+
+
+# --------------------------------------------------------------------------------------------
+# Many blocks in one process
+# --------------------------------------------------------------------------------------------
+
+
+def segment_blocks(
+    input_volume: Volume,
+    output_volume: Volume,
+    model_path: str | Path,
+    blocks: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    input_shape: Sequence[int] | None = None,
+    output_shape: Sequence[int] | None = None,
+    binary: bool = False,
+    precision: str = "fp32",
+    allow_unaligned: bool = False,
+    region: Box | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_result: Callable[[SegmentationResult], None] | None = None,
+    **options,
+) -> list[SegmentationResult]:
+    """Segment several blocks ``(start, end)`` with one model load: each block as
+    :func:`segment_block` does it (its own done marker and result; ``options`` are its keyword
+    arguments), the model read and its tile shapes checked once, TensorFlow started once (and not at
+    all when every block is done, or all its tiles are constant with recorded answers).
+
+    Every block is checked (inside the image, aligned, not overlapping another of the list) before
+    the first one starts.  ``progress(tiles_done, tiles_total)`` counts tiles over all blocks;
+    ``on_result`` is called after each block.
+    """
+    from .inference import Predictor
+
+    if not blocks:
+        raise GeometryError("no blocks given")
+    predictor = Predictor(model_path, input_shape, output_shape, input_volume.shape, binary=binary, axes="zyx", precision=precision)
+    boxes = [check_block(tuple(s), tuple(e), input_volume.shape) for s, e in blocks]  # type: ignore[arg-type]
+    check_output_volume(output_volume, input_volume.shape, binary)
+    for box in boxes:
+        _check_alignment(box, output_volume, region, allow_unaligned)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            if not a.intersect(b).empty:
+                raise GeometryError(f"blocks {a} and {b} overlap: the blocks of one run must be disjoint")
+    totals = [predictor.grid.count(b) for b in boxes]
+    before = 0
+    results = []
+    for box, n in zip(boxes, totals):
+        step = None
+        if progress is not None:
+            step = lambda done, _n, before=before: progress(before + done, sum(totals))  # noqa: E731
+        result = segment_block(
+            input_volume,
+            output_volume,
+            predictor,
+            box.start,
+            box.end,
+            binary=binary,
+            precision=precision,
+            allow_unaligned=allow_unaligned,
+            region=region,
+            progress=step,
+            **options,
+        )
+        before += n
+        if progress is not None and result.skipped:
+            progress(before, sum(totals))
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
 def _output_identity(output: Volume, warn: Callable[[str], None]) -> str:
     """The identity a block checks its output against (:func:`.volume.block_identity`): the creation
     identity, or for a dataset another tool made (no creation identity) its metadata, with a warning
@@ -581,11 +741,3 @@ def _output_identity(output: Volume, warn: Callable[[str], None]) -> str:
             "a replacement is recognised by its metadata file only; create_volume.py on it adds one and keeps its data"
         )
     return identity
-
-
-def _file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            h.update(piece)
-    return h.hexdigest()

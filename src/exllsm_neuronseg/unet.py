@@ -1,4 +1,7 @@
-"""The ExLLSM 3D U-Net (Keras 3): builder, legacy-HDF5 weight loading and tile inference.
+"""The ExLLSM 3D U-Net (Keras 3): builder, legacy-HDF5 weight loading and tile-size arithmetic.
+
+The running model for segmentation is :class:`.inference.Predictor`, which reads the weights with
+:func:`read_model_weights`; this module never imports :mod:`.inference`.
 
 The architecture is the original tool's (valid 3x3x3 convolutions, centre-cropped skip
 connections, raw logits out).  Layer names and per-block configuration match the published
@@ -500,15 +503,20 @@ def _config_from_model_config(model_config: dict, path: Path) -> tuple[UNetConfi
     return config, input_shape
 
 
-def read_model_weights(path: str | Path) -> ModelWeights:
-    """Read a U-Net model file (the published legacy ``.h5`` or one this package saved)."""
+def read_model_weights(path: str | Path, data: bytes | None = None) -> ModelWeights:
+    """Read a U-Net model file (the published legacy ``.h5`` or one this package saved).
+
+    ``data``: the file's bytes, already read (the caller hashed them), parsed instead of the file.
+    """
+    import io
+
     import h5py
 
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     try:
-        h5 = h5py.File(path, "r")
+        h5 = h5py.File(io.BytesIO(data) if data is not None else path, "r")
     except OSError as exc:
         raise ModelError(f"model file {path} is not a readable HDF5 file ({exc})") from exc
     with h5:
@@ -590,84 +598,8 @@ def save_unet(model: "keras.Model", path: str | Path, config: UNetConfig) -> Non
 
 
 # --------------------------------------------------------------------------------------------
-# Inference
+# Work per tile (the running model is :class:`.inference.Predictor`)
 # --------------------------------------------------------------------------------------------
-
-
-def cached_predictor(
-    model_path: str | Path, input_shape: Sequence[int], batch_size: int = 1, binary: bool = False, axes: str = "xyz"
-) -> "TilePredictor":
-    """A :class:`TilePredictor`, reused while the model file is unchanged (building one takes seconds)."""
-    stat = Path(model_path).stat()
-    key = (str(Path(model_path).resolve()), stat.st_mtime_ns, stat.st_size, tuple(input_shape), batch_size, binary, axes)
-    predictor = _PREDICTORS.get(key)
-    if predictor is None:
-        if len(_PREDICTORS) >= 4:
-            _PREDICTORS.pop(next(iter(_PREDICTORS)))
-        predictor = _PREDICTORS[key] = TilePredictor(model_path, input_shape, batch_size, binary, axes)
-    return predictor
-
-
-_PREDICTORS: dict[tuple, "TilePredictor"] = {}
-
-
-class TilePredictor:
-    """Runs the model on tiles of one fixed shape (see :class:`.inference.TileEngine`).
-
-    ``predict(tiles, scale)`` takes ``(n, x, y, z)`` tiles of any numeric dtype (multiplied by
-    ``scale`` in float32 on the way in) and returns the neuron probability (softmax channel 1,
-    float32) or, with ``binary=True``, the argmax as uint8 0/1, of shape ``(n, *output_shape)``.
-    With ``axes="zyx"`` tiles and results are in z,y,x order instead (the kernels are mirrored;
-    ``input_shape`` stays x,y,z).  Tiles run one at a time: a tile is already a large batch of work.
-    """
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        input_shape: Sequence[int],
-        batch_size: int = 1,
-        binary: bool = False,
-        axes: str = "xyz",
-    ) -> None:
-        from .inference import TileEngine
-
-        weights = read_model_weights(model_path)
-        self.config = weights.config
-        self.input_shape, self.output_shape = check_tile_shapes(input_shape, None, weights.config.n_blocks)
-        if batch_size < 1:
-            raise GeometryError(f"batch size {batch_size} must be >= 1")
-        self.batch_size = int(batch_size)
-        self.binary = binary
-        self.axes = axes
-        array_shape = self.input_shape if axes == "xyz" else self.input_shape[::-1]
-        self.engine = TileEngine(weights, array_shape, axes=axes, binary=binary)
-
-    @property
-    def margin(self) -> tuple[int, int, int]:
-        return tuple((i - o) // 2 for i, o in zip(self.input_shape, self.output_shape))  # type: ignore
-
-    def _tiles(self, tiles: np.ndarray) -> np.ndarray:
-        if tiles.ndim == 3:
-            tiles = tiles[None]
-        if tiles.shape[0] > self.batch_size:
-            raise GeometryError(f"{tiles.shape[0]} tiles given to a predictor built for batches of {self.batch_size}")
-        return tiles
-
-    def predict(self, tiles: np.ndarray, scale: float = 1.0) -> np.ndarray:
-        """Probability (or binary mask) of ``n <= batch_size`` tiles, or of one ``(x, y, z)`` tile."""
-        if len(tiles.shape) == 3:
-            return self.engine.predict(tiles, scale)[None]
-        return np.stack([self.engine.predict(tile, scale) for tile in self._tiles(tiles)])
-
-
-    def predict_logits(self, tiles: np.ndarray, scale: float = 1.0) -> np.ndarray:
-        """Raw logits ``(n, *output_shape, n_classes)`` of ``n <= batch_size`` tiles."""
-        return np.stack([self.engine.predict_logits(tile, scale) for tile in self._tiles(tiles)])
-
-    def flops_per_tile(self) -> float:
-        """Convolution FLOPs of the original graph for one tile (the useful work; the engine's
-        rewritten graph does fewer)."""
-        return conv_flops(self.input_shape, self.config)
 
 
 def conv_flops(input_shape: Sequence[int], config: UNetConfig) -> float:

@@ -413,6 +413,15 @@ def split_by_chunks(box: Box, chunks: XYZ) -> list[Box]:
     return grid_cells(box, chunks) if not box.empty else [box]
 
 
+def open_volume_spec(spec: str, what: str = "the volume") -> Volume:
+    """Open a volume given as one string ``CONTAINER:DATASET`` (e.g. ``/data/mask.n5:/mask/s0``;
+    split at the last colon)."""
+    container, colon, dataset = spec.rpartition(":")
+    if not colon or not container or not dataset.strip():
+        raise VolumeError(f"{what} {spec!r} is not CONTAINER:DATASET (e.g. /data/mask.n5:/mask/s0)")
+    return open_volume(container, dataset)
+
+
 def open_volume(container: str | Path, dataset: str, mode: str = "r") -> Volume:
     """Open ``container`` (N5 or zarr v2), then the dataset path inside it.
 
