@@ -36,6 +36,7 @@ import functools
 import hashlib
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -537,11 +538,7 @@ class Predictor:
         precision: str = "fp32",
         slab_rows: int = 32,
     ) -> None:
-        from .errors import ModelError
-
-        path = Path(model_path)
-        if not path.is_file():
-            raise ModelError(f"model file {path} does not exist" if not path.exists() else f"model file {path} is not a file")
+        path = _model_file(model_path)
         data = path.read_bytes()
         self.path = path
         self.sha256 = hashlib.sha256(data).hexdigest()
@@ -567,6 +564,7 @@ class Predictor:
         if precision != "fp32":  # refused now, before any block starts (this loads TensorFlow)
             self.device = check_precision_supported(precision, import_tensorflow())
         self._engine: TileEngine | None = None
+        self._engine_lock = threading.Lock()
         self._patterns: dict[tuple, np.ndarray] = {}
 
     # ---- what callers plan with -------------------------------------------------------------
@@ -593,9 +591,16 @@ class Predictor:
     @property
     def engine(self) -> TileEngine:
         """The TensorFlow engine for this tile shape, built (and TensorFlow loaded) on first use."""
-        if self._engine is None:
-            self._engine = self._new_engine(self.input_shape, self.output_shape)
+        with self._engine_lock:  # built once, also when warm_up() is building it in another thread
+            if self._engine is None:
+                self._engine = self._new_engine(self.input_shape, self.output_shape)
         return self._engine
+
+    def warm_up(self) -> None:
+        """Start loading TensorFlow and building the engine in a background thread (while the caller
+        reads its first tile); the first :meth:`predict` waits for it.  Nothing if already built."""
+        if self._engine is None and not self._engine_lock.locked():
+            threading.Thread(target=lambda: self.engine, name="engine-warm-up", daemon=True).start()
 
     @property
     def engine_loaded(self) -> bool:
@@ -680,6 +685,15 @@ class Predictor:
         return pattern
 
 
+def _model_file(model_path: str | Path) -> Path:
+    from .errors import ModelError
+
+    path = Path(model_path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist" if not path.exists() else f"model file {path} is not a file")
+    return path
+
+
 def _save_record(path: Path, array: np.ndarray) -> None:
     """Write a ``.npy`` atomically (a temporary name, then renamed); a record that cannot be written
     is only a lost shortcut."""
@@ -695,20 +709,26 @@ def _save_record(path: Path, array: np.ndarray) -> None:
 
 def cached_predictor(
     model_path: str | Path,
-    input_shape: Sequence[int],
+    input_shape: Sequence[int] | None = None,
+    output_shape: Sequence[int] | None = None,
+    image_shape: Sequence[int] | None = None,
     binary: bool = False,
     axes: str = "xyz",
     precision: str = "fp32",
 ) -> Predictor:
-    """A :class:`Predictor`, reused in this process while the model file is unchanged (tests and
-    notebooks call it often; a segmentation run builds its one predictor itself)."""
-    stat = Path(model_path).stat()
-    key = (str(Path(model_path).resolve()), stat.st_mtime_ns, stat.st_size, tuple(input_shape), binary, axes, precision)
+    """A :class:`Predictor` (same arguments), reused in this process while the model file is
+    unchanged (same path, size and modification time), so calls for block after block, or test
+    after test, read and hash the model once and build its engine once."""
+    stat = _model_file(model_path).stat()
+    shapes = tuple(tuple(int(v) for v in s) if s is not None else None for s in (input_shape, output_shape, image_shape))
+    key = (str(Path(model_path).resolve()), stat.st_mtime_ns, stat.st_size, shapes, binary, axes, precision)
     predictor = _PREDICTORS.get(key)
     if predictor is None:
         if len(_PREDICTORS) >= 4:
             _PREDICTORS.pop(next(iter(_PREDICTORS)))
-        predictor = _PREDICTORS[key] = Predictor(model_path, input_shape, binary=binary, axes=axes, precision=precision)
+        predictor = _PREDICTORS[key] = Predictor(
+            model_path, input_shape, output_shape, image_shape, binary=binary, axes=axes, precision=precision
+        )
     return predictor
 
 

@@ -393,10 +393,10 @@ def _resolve_predictor(
     precision: str,
 ) -> "Predictor":
     """The running model for a block: the one given (checked against the block's settings), or a new one."""
-    from .inference import Predictor
+    from .inference import Predictor, cached_predictor
 
     if not isinstance(model, Predictor):
-        return Predictor(model, input_shape, output_shape, input_volume.shape, binary=binary, axes="zyx", precision=precision)
+        return cached_predictor(model, input_shape, output_shape, input_volume.shape, binary=binary, axes="zyx", precision=precision)
     if model.axes != "zyx" or model.binary != binary or model.precision != precision:
         raise ValueError(
             f"the predictor was built for axes {model.axes}, binary {model.binary}, precision {model.precision}; "
@@ -557,6 +557,8 @@ def segment_block(
         rx, ry, rz = grid.tile_indices(block)
         order = [(kx, ky, kz) for kz in rz for ky in ry for kx in rx]  # storage order: x fastest
         next_tile = prefetcher.submit(read_tile, order[0])
+        if not skip_constant or input_volume.has_stored_chunks(window.intersect(input_volume.box)):
+            predictor.warm_up()  # TensorFlow loads while the first tile is read (unless all is fill value)
         result = SegmentationResult(block, n_tiles, 0.0, scaling)
         out_dtype = np.dtype(np.uint8) if binary else np.dtype(np.float32)
         out_shape_zyx = grid.output_shape[::-1]
@@ -686,11 +688,9 @@ def segment_blocks(
     the first one starts.  ``progress(tiles_done, tiles_total)`` counts tiles over all blocks;
     ``on_result`` is called after each block.
     """
-    from .inference import Predictor
-
     if not blocks:
         raise GeometryError("no blocks given")
-    predictor = Predictor(model_path, input_shape, output_shape, input_volume.shape, binary=binary, axes="zyx", precision=precision)
+    predictor = _resolve_predictor(model_path, input_volume, input_shape, output_shape, binary, precision)
     boxes = [check_block(tuple(s), tuple(e), input_volume.shape) for s, e in blocks]  # type: ignore[arg-type]
     check_output_volume(output_volume, input_volume.shape, binary)
     for box in boxes:
