@@ -75,6 +75,10 @@ def hostOptions() {
         binary                    : hostParam('neuron_mask_as_binary', false),
         compression               : hostParam('n5_compression', 'gzip'),
         overwrite                 : hostParam('overwrite_output', false),
+        blocks_per_task           : hostParam('blocks_per_task', 4),
+        precision                 : hostParam('segmentation_precision', 'fp32'),
+        mask                      : maskSpec(hostParam('segmentation_mask', '')),
+        skip_constant             : hostParam('skip_constant_tiles', true),
         segmentation_resources    : hostResources('neuron_segmentation_cpus', 4, 'neuron_segmentation_memory', '24 GB', hostContainer()),
         scaling_resources         : hostResources('neuron_scaling_cpus', 1, 'neuron_scaling_memory', '4 GB', hostContainer()),
         segmentation_args         : [
@@ -90,6 +94,21 @@ def hostOptions() {
             "--small_region_size_threshold ${hostParam('neuron_seg_small_region_size_th', 1000)}",
         ].findAll { arg -> arg != '' }.join(' '),
     ]
+}
+
+// The tissue mask 'container:dataset' with the container as an absolute path (the tasks run in
+// their work directories, and the container is bound into theirs); '' for none. Split at the last
+// colon, as segment_volume.py splits it.
+def maskSpec(spec) {
+    def text = "${spec ?: ''}".trim()
+    if (!text) {
+        return ''
+    }
+    def colon = text.lastIndexOf(':')
+    if (colon < 1 || colon == text.length() - 1) {
+        error("segmentation_mask '${text}' is not CONTAINER:DATASET (e.g. /data/mask.n5:/mask/s0)")
+    }
+    return "${file(text.substring(0, colon))}:${text.substring(colon + 1)}"
 }
 
 // The oldest Nextflow that runs these modules: topic channels (the `versions` outputs) are

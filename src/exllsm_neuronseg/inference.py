@@ -63,26 +63,82 @@ Kernel = tuple[np.ndarray, np.ndarray]  # (kernel, bias)
 _KERAS_EAGER_IMPORT = "keras.src.optimizers"
 
 
+_IMPORT_LOCK = threading.Lock()
+
+# TensorFlow's C++ start-up lines, printed to fd 2 on import whatever TF_CPP_MIN_LOG_LEVEL says
+_STARTUP_NOISE = (
+    "All log messages before absl::InitializeLog() is called",
+    "oneDNN custom operations are on",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "To enable the following instructions",
+    "Unable to register cuDNN factory",
+    "Unable to register cuFFT factory",
+    "Unable to register cuBLAS factory",
+    "computation placer already registered",
+    "TF-TRT Warning: Could not find TensorRT",
+)
+
+
 def import_tensorflow():
-    """Import TensorFlow without the eager import of all of Keras it does on the way (~1 s).
+    """Import TensorFlow once, thread-safely, quietly, and without the eager import of all of Keras
+    it does on the way (~1 s).
 
     ``tensorflow/__init__`` imports ``keras.src.optimizers`` in a ``try`` that ignores an
     ImportError, only to register Keras optimizers early; that pulls in all of Keras and, through
     its wrappers, scikit-learn.  Inference needs neither, so that one import is made to fail while
-    TensorFlow loads; Keras imports normally later if anything asks for it.
+    TensorFlow loads; Keras imports normally later if anything asks for it.  A second thread asking
+    while the first imports waits for the whole module (never a half-initialised one).  The C++
+    start-up lines TensorFlow writes to stderr on import (oneDNN and absl notices) are dropped;
+    anything else it writes there is passed on.
     """
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
-    block = _KERAS_EAGER_IMPORT not in sys.modules
-    if block:
-        sys.modules[_KERAS_EAGER_IMPORT] = None  # type: ignore[assignment]  # "import halted"
-    try:
-        import tensorflow as tf
-    finally:
-        if block and sys.modules.get(_KERAS_EAGER_IMPORT, 0) is None:
-            del sys.modules[_KERAS_EAGER_IMPORT]
-    return tf
+    with _IMPORT_LOCK:
+        if "tensorflow" in sys.modules:
+            return sys.modules["tensorflow"]
+        block = _KERAS_EAGER_IMPORT not in sys.modules
+        if block:
+            sys.modules[_KERAS_EAGER_IMPORT] = None  # type: ignore[assignment]  # "import halted"
+        try:
+            with _quiet_stderr(_STARTUP_NOISE):
+                import tensorflow as tf
+        finally:
+            if block and sys.modules.get(_KERAS_EAGER_IMPORT, 0) is None:
+                del sys.modules[_KERAS_EAGER_IMPORT]
+        return tf
 
+
+class _quiet_stderr:
+    """Send file descriptor 2 to a temporary file for a while, then write back every line that does
+    not contain one of ``noise``."""
+
+    def __init__(self, noise: Sequence[str]) -> None:
+        self.noise = noise
+
+    def __enter__(self):
+        import tempfile
+
+        sys.stderr.flush()
+        try:
+            self.saved = os.dup(2)
+        except OSError:  # no fd 2 (a daemon): nothing to filter
+            self.saved = None
+            return self
+        self.capture = tempfile.TemporaryFile()
+        os.dup2(self.capture.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.capture.seek(0)
+        kept = [line for line in self.capture.read().decode(errors="replace").splitlines(keepends=True)
+                if not any(n in line for n in self.noise)]
+        self.capture.close()
+        if kept:
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,7 +621,8 @@ class Predictor:
             self.device = check_precision_supported(precision, import_tensorflow())
         self._engine: TileEngine | None = None
         self._engine_lock = threading.Lock()
-        self._patterns: dict[tuple, np.ndarray] = {}
+        self._patterns: dict[tuple, np.ndarray] = {}  # constant answers known in this process
+        self._recorded: set[Path] = set()  # records checked or written by this process
 
     # ---- what callers plan with -------------------------------------------------------------
 
@@ -644,45 +701,49 @@ class Predictor:
         return np.tile(pattern, [-(-o // g) for o in out])[tuple(slice(0, o) for o in out)]
 
     def constant_period(self, value, dtype, scale: float, store: Path | None = None) -> np.ndarray:
-        """One period (``g``^3, g the model grid) of the output for a constant input ``value``."""
+        """One period (``g``^3, g the model grid) of the output for a constant input ``value``.
+
+        Looked up in this process, then in ``store``'s record (an unreadable or foreign one is
+        ignored), else computed; every ``store`` asked gets a valid record (written once per process)."""
         dtype = np.dtype(dtype)
         value = dtype.type(value)
         scale32 = np.float32(scale)
         key = (dtype.str, value.tobytes(), scale32.tobytes())
         pattern = self._patterns.get(key)
-        if pattern is not None:
-            return pattern
         g = self.config.tile_grid
         out_dtype = np.dtype(np.uint8 if self.binary else np.float32)
-        record = None
-        if store is not None:
-            identity = {
-                "model_sha256": self.sha256,
-                "precision": self.precision,
-                "binary": self.binary,
-                "axes": self.axes,
-                "dtype": dtype.str,
-                "value": repr(value.item()),
-                "scale": repr(float(scale32)),
-            }
-            name = hashlib.sha256(repr(sorted(identity.items())).encode()).hexdigest()[:32]
-            record = Path(store) / f"{name}.npy"
-            try:
-                kept = np.load(record, allow_pickle=False)
-                if kept.shape == (g, g, g) and kept.dtype == out_dtype:
-                    pattern = kept
-            except (OSError, ValueError):
-                pass
+        record = self._record_path(store, dtype, value, scale32) if store is not None else None
+        stored = None
+        if record is not None and record not in self._recorded:
+            stored = _load_record(record, (g, g, g), out_dtype)
+            if pattern is None:
+                pattern = stored
         if pattern is None:
             edge = next(s for s in valid_input_sizes(self.config.n_blocks, 4096) if output_size(s, self.config.n_blocks) >= g)
             small = output_size(edge, self.config.n_blocks)
             engine = self._new_engine((edge,) * 3, (small,) * 3)
             pattern = np.ascontiguousarray(engine.predict(np.full((edge,) * 3, value, dtype), float(scale32))[:g, :g, :g])
             del engine
-            if record is not None:
+        if record is not None and record not in self._recorded:
+            if stored is None:
                 _save_record(record, pattern)
+            self._recorded.add(record)
         self._patterns[key] = pattern
         return pattern
+
+    def _record_path(self, store: Path, dtype: np.dtype, value, scale32: np.float32) -> Path:
+        """Where the answer to a constant is recorded: named by everything it depends on."""
+        identity = {
+            "model_sha256": self.sha256,
+            "precision": self.precision,
+            "binary": self.binary,
+            "axes": self.axes,
+            "dtype": dtype.str,
+            "value": repr(value.item()),
+            "scale": repr(float(scale32)),
+        }
+        name = hashlib.sha256(repr(sorted(identity.items())).encode()).hexdigest()[:32]
+        return Path(store) / f"{name}.npy"
 
 
 def _model_file(model_path: str | Path) -> Path:
@@ -692,6 +753,22 @@ def _model_file(model_path: str | Path) -> Path:
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist" if not path.exists() else f"model file {path} is not a file")
     return path
+
+
+def _load_record(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    """A recorded answer, if ``path`` holds a readable ``.npy`` of this shape and dtype with finite
+    values (0/1 for masks); anything else (missing, empty, truncated, foreign) is None."""
+    try:
+        kept = np.load(path, allow_pickle=False)
+    except Exception:  # noqa: BLE001 - a record is a shortcut: an unreadable one is recomputed
+        return None
+    if not isinstance(kept, np.ndarray) or kept.shape != shape or kept.dtype != dtype:
+        return None
+    if dtype.kind == "f" and not np.isfinite(kept).all():
+        return None
+    if dtype.kind == "u" and kept.max(initial=0) > 1:
+        return None
+    return kept
 
 
 def _save_record(path: Path, array: np.ndarray) -> None:

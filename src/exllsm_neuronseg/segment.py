@@ -552,13 +552,12 @@ def segment_block(
                 raise InputValueError(f"{input_volume} holds NaN or infinite voxels near {box}")  # pragma: no cover
             if skip_constant and _is_constant(tile):
                 return tile.reshape(-1)[:1].copy(), "constant", time.perf_counter() - t
+            predictor.warm_up()  # the first tile that needs the model starts TensorFlow, in the background
             return tile, "model", time.perf_counter() - t
 
         rx, ry, rz = grid.tile_indices(block)
         order = [(kx, ky, kz) for kz in rz for ky in ry for kx in rx]  # storage order: x fastest
         next_tile = prefetcher.submit(read_tile, order[0])
-        if not skip_constant or input_volume.has_stored_chunks(window.intersect(input_volume.box)):
-            predictor.warm_up()  # TensorFlow loads while the first tile is read (unless all is fill value)
         result = SegmentationResult(block, n_tiles, 0.0, scaling)
         out_dtype = np.dtype(np.uint8) if binary else np.dtype(np.float32)
         out_shape_zyx = grid.output_shape[::-1]
@@ -666,7 +665,7 @@ def mask_has_tissue(mask: Volume, box: Box, image_shape: XYZ) -> bool:
 def segment_blocks(
     input_volume: Volume,
     output_volume: Volume,
-    model_path: str | Path,
+    model_path: "str | Path | Predictor",
     blocks: Sequence[tuple[Sequence[int], Sequence[int]]],
     *,
     input_shape: Sequence[int] | None = None,

@@ -190,17 +190,6 @@ class Volume:
             return self.path.joinpath(*(str(int(i)) for i in index))
         return Path(self.container) / self.array._chunk_key(tuple(int(i) for i in reversed(index)))
 
-    def has_stored_chunks(self, box: Box) -> bool:
-        """Whether any chunk of ``box`` is stored (chunks never written read as the fill value)."""
-        first = [s // c for s, c in zip(box.start, self.chunks)]
-        last = [-(-e // c) for e, c in zip(box.end, self.chunks)]
-        return any(
-            self.chunk_file((x, y, z)).exists()
-            for z in range(first[2], last[2])
-            for y in range(first[1], last[1])
-            for x in range(first[0], last[0])
-        )
-
     @contextmanager
     def _naming_bad_chunks(self, box: Box) -> Iterator[None]:
         """Around a read (or read-modify-write) of ``box``: a failure that a chunk of ``box`` causes

@@ -407,7 +407,7 @@ DEFECT = """include { SEGMENT_VOLUME } from './modules/local/segment_volume'
 workflow {
     main:
     SEGMENT_VOLUME(channel.empty(), channel.empty(), '')
-    SEGMENT_VOLUME.out.blocks.view()
+    SEGMENT_VOLUME.out.volumes.view()
 }
 """
 

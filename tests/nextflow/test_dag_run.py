@@ -75,6 +75,30 @@ TEST_PARAMS = {
     "neuron_seg_small_region_prob_th": 0.9,
     "neuron_seg_small_region_size_th": 1000,
     "use_gpu_mem_growth": False,
+    "blocks_per_task": 4,
+    "segmentation_precision": "fp32",
+    "segmentation_mask": "",
+    "skip_constant_tiles": True,
+}
+
+# Per input kind: the volume, its chunks and blocks, and how the blocks are cut into tasks.
+#  n5:   160x64x64 in 32x64x64 chunks and blocks: 5 blocks, 2 per task -> 3 tasks (2 + 2 + 1), and a
+#        tissue mask in a container of its own (bound like the N5 paths);
+#  tiff: converted into 32x64x64 chunks, 64^3 blocks clipped to the region (x < 80): 2 blocks, 1 per
+#        task -> 2 tasks (the old one-task-per-block layout), constant-tile skipping off.
+CASES = {
+    "n5": {
+        "test_volume_shape": "160,64,64",
+        "test_volume_chunks": "32,64,64",
+        "neuron_segmentation_partition_size": "32,64,64",
+        "blocks_per_task": 2,
+    },
+    "tiff": {
+        "block_size": "32,64,64",
+        "partial_volume": "0,0,0,80,64,64",
+        "blocks_per_task": 1,
+        "skip_constant_tiles": False,
+    },
 }
 
 
@@ -163,6 +187,21 @@ def check_mounts(rendered: dict, paths: list[str]) -> None:
             assert covered(path, options, engine), f"{path} is not bound by {engine} options {options!r}"
 
 
+def volume_barrier(outputs: list) -> list:
+    """The subworkflow's per-volume barrier on SEGMENT_VOLUME's ``blocks`` outputs, in the order the
+    tasks finish: ``groupKey(meta.id, meta.task.count)`` + ``groupTuple`` releases a volume when its
+    task count is reached. Returns (number of outputs seen, meta without ``task``) per release."""
+    pending: dict[str, list] = {}
+    released = []
+    for seen, item in enumerate(outputs, 1):
+        meta = item[0]
+        group = pending.setdefault(meta["id"], [])
+        group.append(item)
+        if len(group) == meta["task"]["count"]:
+            released.append((seen, {k: v for k, v in meta.items() if k != "task"}))
+    return released
+
+
 def topological_levels(edges: set[tuple[str, str]], nodes: set[str]) -> list[set[str]]:
     levels, done = [], set()
     while done != nodes:
@@ -175,8 +214,9 @@ def topological_levels(edges: set[tuple[str, str]], nodes: set[str]) -> list[set
 
 @pytest.mark.parametrize("source", ["n5", "tiff"])
 def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
-    """The whole chain on an N5 input, and on a TIFF series (converted first, with a partial volume
-    that ends inside a chunk, so a block is clipped to the region)."""
+    """The whole chain on an N5 input (5 blocks in tasks of 2: 3 tasks, the last one shorter), and on
+    a TIFF series (converted first, with a partial volume that ends inside a chunk, so a block is
+    clipped to the region; one task per block)."""
     if not MODEL.is_file():
         pytest.fail(f"the published model is required at {MODEL}")
     procs = modules()
@@ -185,9 +225,17 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     runner = Runner(tmp_path / "work")
     data = tmp_path / "data"
     data.mkdir()
-    params = {**TEST_PARAMS, "neuron_stack_dir": str(data / "input.n5"), "output_dir": str(data / "seg.n5")}
-    if source == "tiff":
-        params["partial_volume"] = "0,0,0,80,64,64"
+    params = {**TEST_PARAMS, **CASES[source], "neuron_stack_dir": str(data / "input.n5"), "output_dir": str(data / "seg.n5")}
+    if source == "n5":
+        # a tissue mask in a container of its own, at a coarser resolution: tissue everywhere, so
+        # the output is the unmasked one, but the flag, the bind mount and the reading are exercised
+        from exllsm_neuronseg.volume import create_volume
+
+        mask_n5 = data / "masks" / "tissue.n5"
+        mask_n5.parent.mkdir()
+        tissue = create_volume(mask_n5, "/tissue/s0", (5, 2, 2), (5, 2, 2), "uint8")
+        tissue.write_zyx((0, 0, 0), np.ones((2, 2, 5), dtype=np.uint8))
+        params["segmentation_mask"] = f"{mask_n5}:/tissue/s0"
 
     # The DAG order, from the language server's previews of main.nf, the facade and the subworkflow
     main_dag, facade_dag, sub_dag = analysis.dags["main"], analysis.dags["facade"], analysis.dags["subworkflow"]
@@ -263,6 +311,11 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     )
     opts = sub["opts"]
     assert "--set_gpu_mem_growth" not in opts["segmentation_args"]
+    assert opts["blocks_per_task"] == CASES[source]["blocks_per_task"]
+    assert sub["segment"].endswith(
+        "--precision fp32 --no-skip-constant" if source == "tiff" else "--precision fp32 --skip-constant"
+    )
+    assert opts["mask"] == params["segmentation_mask"]
     assert opts["segmentation_args"].startswith("--model_input_shape 220,220,220 --model_output_shape 132,132,132")
     out_n5, out_ds = params["output_dir"], params["neuron_output_dataset"]
 
@@ -288,7 +341,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
         converted = check_outputs(runner, convert, work, convert_inputs)["volume"]
         in_n5, in_ds = converted[1], converted[2]
         raw = open_volume(in_n5, in_ds)
-        assert raw.shape == (96, 64, 64) and raw.chunks == (512, 512, 512) and raw.dtype == image.dtype
+        assert raw.shape == (96, 64, 64) and raw.chunks == (32, 64, 64) and raw.dtype == image.dtype
         # the region is converted bit for bit; the rest stays empty (the host's --subvol)
         np.testing.assert_array_equal(raw.read_zyx(raw.box)[:, :, :80], image[:, :, :80])
         assert not raw.read_zyx(raw.box)[:, :, 80:].any()
@@ -325,14 +378,14 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     assert attrs["dataType"] == "float32" and attrs["compression"]["type"] == "gzip"
     assert created[3] == out_n5
     if source == "tiff":
-        # 512^3 chunks (block_size), 64^3 partition rounded up to them; the region ends at x = 80
-        assert blocks == [{"start": "0,0,0", "end": "80,64,64", "fraction": ""}]
+        # 32x64x64 chunks (block_size), 64^3 partition on them; the region ends at x = 80, inside a chunk
+        assert blocks == [{"start": "0,0,0", "end": "64,64,64", "fraction": ""}, {"start": "64,0,0", "end": "80,64,64", "fraction": ""}]
         # 12 x 32^3 sampling tiles over the region 80,64,64 (3 x 2 x 2), half sampled, 4 per job
         assert [(j["start"], j["end"]) for j in jobs] == [("0,0,0", "64,64,64"), ("64,0,0", "80,64,64")]
     else:
-        assert [(b["start"], b["end"]) for b in blocks] == [("0,0,0", "64,64,64"), ("64,0,0", "96,64,64")]
-        # 12 tiles of 32^3, half of them sampled, 4 per job: job edge 32 * cbrt(4 / 0.5) = 64
-        assert [(j["start"], j["end"]) for j in jobs] == [("0,0,0", "64,64,64"), ("64,0,0", "96,64,64")]
+        assert [(b["start"], b["end"]) for b in blocks] == [(f"{x},0,0", f"{x + 32},64,64") for x in range(0, 160, 32)]
+        # 20 tiles of 32^3, half of them sampled, 4 per job: job edge 32 * cbrt(4 / 0.5) = 64
+        assert [(j["start"], j["end"]) for j in jobs] == [("0,0,0", "64,64,64"), ("64,0,0", "128,64,64"), ("128,0,0", "160,64,64")]
     assert {j["fraction"] for j in jobs} == {"0.5"}
 
     # -- SCALING_FACTOR (parallel jobs) -----------------------------------------------------------
@@ -354,7 +407,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     scaling_rendered = groovy.render_many(scaling_proc, [(i, task(scaling_proc.name)) for i in scaling_inputs])
     for rendered in scaling_rendered:
         check_mounts(rendered, [in_n5])
-    with ThreadPoolExecutor(len(jobs)) as pool:
+    with ThreadPoolExecutor(min(len(jobs), 2)) as pool:
         scaling_works = list(pool.map(lambda r: runner.run(scaling_proc, r["script"]), scaling_rendered))
     factors = []
     for work, inputs in zip(scaling_works, scaling_inputs):
@@ -364,69 +417,112 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
         assert (work / "scaling.log").read_text().splitlines()[-1].startswith("Calculated a scaling factor of ")
         factors.append(value)
 
-    # -- SEGMENT_VOLUME, one task per block ------------------------------------------------------
+    # -- SEGMENT_VOLUME: the blocks in tasks of blocks_per_task, cut by the subworkflow's blockTasks --
     segment = procs["SEGMENT_VOLUME"]
     (scaling,) = groovy.evaluate([({"factors": factors}, FUNCTIONS, "return meanScaling(factors)")])
     valid = [float(f) for f in factors if f not in ("null", "nan")]
     assert scaling and float(scaling) == pytest.approx(sum(valid) / len(valid))
-    block_inputs = [
+    (groups,) = groovy.evaluate(
+        [({"blocks": blocks, "per_task": opts["blocks_per_task"]}, section_functions(SUBWORKFLOW), "blockTasks(blocks, per_task)")]
+    )
+    if source == "n5":  # 5 blocks, 2 per task: 3 tasks, the last one shorter
+        assert [g["task"] for g in groups] == [
+            {"index": 0, "count": 3, "range": "0-1", "volume_blocks": 5},
+            {"index": 1, "count": 3, "range": "2-3", "volume_blocks": 5},
+            {"index": 2, "count": 3, "range": "4", "volume_blocks": 5},
+        ]
+    else:  # 1 per task: one task per block, as before
+        assert [g["task"] for g in groups] == [
+            {"index": 0, "count": 2, "range": "0", "volume_blocks": 2},
+            {"index": 1, "count": 2, "range": "1", "volume_blocks": 2},
+        ]
+    # every block in exactly one task, in plan order
+    assert [b for g in groups for b in g["blocks"]] == [{"start": b["start"], "end": b["end"]} for b in blocks]
+    task_inputs = [
         {
-            "meta": {**meta, "scaling": scaling, "block": {"index": index, "count": len(blocks)}},
+            "meta": {**meta, "scaling": scaling, "task": g["task"]},
             "in_n5": in_n5,
             "in_ds": in_ds,
             "out_n5": out_n5,
             "out_ds": out_ds,
-            "start": b["start"],
-            "end": b["end"],
+            "blocks": g["blocks"],
             "scaling": scaling,
             "model": MODEL.name,  # staged into the task directory, as a path input is
             "options": sub["segment"],
+            "mask": opts["mask"],
             "resources": opts["segmentation_resources"],
         }
-        for index, b in enumerate(blocks)
+        for g in groups
     ]
-    segment_rendered = groovy.render_many(segment, [(i, task(segment.name, cpus=1)) for i in block_inputs])
-    for rendered in segment_rendered:
-        check_mounts(rendered, [in_n5, out_n5])
-        assert f"--scaling {scaling}" in rendered["script"] and "--io-threads 2" in rendered["script"]
-        assert ("--partial_volume 0,0,0,80,64,64" in rendered["script"]) == (source == "tiff")
+    segment_rendered = groovy.render_many(segment, [(i, task(segment.name, cpus=1)) for i in task_inputs])
+    mask_container = params["segmentation_mask"].rpartition(":")[0]
+    for rendered, inputs in zip(segment_rendered, task_inputs):
+        check_mounts(rendered, [in_n5, out_n5] + ([mask_container] if mask_container else []))
+        script = rendered["script"]
+        assert script.count("segment_volume.py") == 1  # one process (one model load) per task
+        pairs = re.findall(r"--start (\S+) --end (\S+)", script)
+        assert pairs == [(b["start"], b["end"]) for b in inputs["blocks"]]
+        assert f"--scaling {scaling}" in script and "--io-threads 2" in script
+        assert ("--partial_volume 0,0,0,80,64,64" in script) == (source == "tiff")
+        assert (f"--mask {params['segmentation_mask']}" in script) == (source == "n5")
+    # the tag names the volume and the task's blocks
+    tags = [groovy.render_directives(segment, i, task(segment.name), ["tag"])["tag"] for i in task_inputs[:1]]
+    assert tags == [f"{meta['id']}:blocks {groups[0]['task']['range']}"]
     # the host's resource params reach the task (cpus, memory) and the default image is the pinned one
-    directives = groovy.render_directives(segment, block_inputs[0], task(segment.name), ["cpus", "memory", "container"])
+    directives = groovy.render_directives(segment, task_inputs[0], task(segment.name), ["cpus", "memory", "container"])
     assert directives == {"cpus": 4, "memory": "24 GB", "container": f"ghcr.io/janeliascicomp/exllsm-segment-volume:{VERSION}"}
     stage = {MODEL.name: MODEL}
     with ThreadPoolExecutor(2) as pool:
         segment_works = list(pool.map(lambda r: runner.run(segment, r["script"], stage), segment_rendered))
+
+    def marker(block: dict) -> Path:
+        start, end = block["start"].replace(",", "_"), block["end"].replace(",", "_")
+        return Path(out_n5) / "segmented/s0/.exllsm-done" / f"{start}-{end}.json"
+
     finished = []
-    for work, inputs in zip(segment_works, block_inputs):
-        finished.append(check_outputs(runner, segment, work, inputs)["block"])
-        assert "tiles in" in (work / ".command.out").read_text()
-        start, end = inputs["start"].replace(",", "_"), inputs["end"].replace(",", "_")
-        assert (Path(out_n5) / "segmented/s0/.exllsm-done" / f"{start}-{end}.json").is_file()
+    for work, inputs in zip(segment_works, task_inputs):
+        finished.append(check_outputs(runner, segment, work, inputs)["blocks"])
+        out = (work / ".command.out").read_text()
+        for b in inputs["blocks"]:  # one summary line and one done marker per block
+            box = f"block [{b['start']} .. {b['end']}): "
+            assert sum(line.startswith(box) and " tiles" in line for line in out.splitlines()) == 1, out
+            assert marker(b).is_file()
+        if len(inputs["blocks"]) > 1:
+            assert f"{len(inputs['blocks'])} blocks: {len(inputs['blocks'])} segmented, 0 already done" in out, out
     output = open_volume(out_n5, "segmented/s0")
     prob = output.read(output.box)
-    assert prob.shape == (96, 64, 64) and np.isfinite(prob).all()
+    assert prob.shape == tuple(int(v) for v in params["test_volume_shape"].split(",")) and np.isfinite(prob).all()
     assert 0 <= prob.min() and prob.max() <= 1 and prob.max() > 0.5
     if source == "tiff":
         assert not prob[80:].any() and prob[:80].any()  # only the region is segmented
+    else:
+        assert all(prob[x : x + 32].any() for x in range(0, 160, 32))  # every block written
 
-    # -- Barrier: the volume is done when all of its blocks are, and `done` has the host's strings
-    groups: dict[str, list] = {}
-    for item in finished:
-        groups.setdefault(item[0]["id"], []).append(item)
-    assert {k: len(v) for k, v in groups.items()} == {meta["id"]: len(blocks)}
-    done = [group[0][0]["host"] for group in groups.values() if len(group) == group[0][0]["block"]["count"]]
+    # -- Barrier: the volume is released once, when its last task is done, with the host's strings --
+    for order in (finished, finished[::-1]):
+        released = volume_barrier(order)
+        assert len(released) == 1 and released[0][0] == len(groups), released
+        assert "task" not in released[0][1] and released[0][1]["scaling"] == scaling
+    done = [meta_out["host"] for _seen, meta_out in volume_barrier(finished)]
     if source == "tiff":
         assert done == [[out_n5, "/raw/s0", out_n5, "/segmented/s0"]]
     else:
         assert done == [[in_n5, "/c1/s0", out_n5, "/segmented/s0"]]
+    # a volume of several tasks is not released before its last one
+    assert volume_barrier(finished[:-1]) == []
 
-    # -- Re-runs: a finished block is skipped; a block without its marker (killed) is redone ------
+    # -- Re-runs: finished blocks are skipped; a task whose blocks lost a marker (killed) redoes them --
     rerun = runner.run(segment, segment_rendered[0]["script"], stage)
-    assert "already done (marker present), skipped" in (rerun / ".command.out").read_text()
-    marker = Path(out_n5) / "segmented/s0/.exllsm-done" / f"{blocks[-1]['start'].replace(',', '_')}-{blocks[-1]['end'].replace(',', '_')}.json"
-    marker.unlink()
-    redo = runner.run(segment, segment_rendered[-1]["script"], stage)
-    assert "tiles in" in (redo / ".command.out").read_text() and marker.is_file()
+    out = (rerun / ".command.out").read_text()
+    assert out.count("already done (marker present), skipped") == len(groups[0]["blocks"]), out
+    # a retried task skips the blocks it finished and segments only the one without a marker
+    lost = groups[-1]["blocks"][-1] if source == "tiff" else groups[0]["blocks"][-1]
+    retried = segment_rendered[-1] if source == "tiff" else segment_rendered[0]
+    marker(lost).unlink()
+    redo = runner.run(segment, retried["script"], stage)
+    out = (redo / ".command.out").read_text()
+    assert f"block [{lost['start']} .. {lost['end']}): " in out and marker(lost).is_file()
+    assert out.count("already done (marker present), skipped") == (0 if source == "tiff" else 1), out
 
     # -- A re-run into an output of another dtype stops and names the param that replaces it --------
     binary_create = {**create_inputs, "options": sub["create"].replace("float32", "uint8")}
@@ -597,9 +693,9 @@ def test_facade_and_subworkflow_functions(tmp_path):
         "--partition_size 250 --partial_volume 0,0,0,250,250,250 --scaling_tiles 0 --scaling_fraction 0.1 "
         "--scaling_partition_size 396,396,396 --max_scaling_tiles_per_job 40",
         "--dtype float32 --compression gzip",
-        "--partial_volume 0,0,0,250,250,250",
+        "--partial_volume 0,0,0,250,250,250 --precision fp32 --skip-constant",
     ]
-    assert binary[1:] == ["--dtype uint8 --compression xz --overwrite", "--as_binary_mask"]
+    assert binary[1:] == ["--dtype uint8 --compression xz --overwrite", "--as_binary_mask --precision fp32 --skip-constant"]
     assert sizes == ["512", "256,256,512", "1,2,3"]
     assert blocks == [
         {"start": "0,0,0", "end": "512,512,512", "fraction": ""},
@@ -608,3 +704,84 @@ def test_facade_and_subworkflow_functions(tmp_path):
     assert scaling_jobs == [{"start": "0,0,0", "end": "2917,2917,2917", "fraction": "0.1"}]
     assert means == ["1.0", "", "", "0.3"]
     assert len(set(orders)) == 1, orders
+
+
+def test_blocks_per_task_and_model_options(tmp_path):
+    """The new segmentation params: blocks_per_task cuts a volume's plan into tasks (indices only),
+    precision, mask and constant-tile skipping become flags, the mask's container an absolute path,
+    and bad values stop the run with a message naming the param. Defaults equal nextflow.config's."""
+    from test_language_server import config_params
+
+    def refused(call: str) -> str:
+        return f"try {{ {call}; return 'accepted' }} catch (IllegalStateException e) {{ return e.message }}"
+
+    plan = [{"start": f"{x},0,0", "end": f"{x + 1},1,1", "fraction": ""} for x in range(5)]
+    facade = [
+        ({"params": {}}, "hostOptions().subMap(['blocks_per_task', 'precision', 'mask', 'skip_constant'])"),
+        (
+            {
+                "params": {
+                    "blocks_per_task": "3",  # a params file may give a string
+                    "segmentation_precision": "bf16",
+                    "segmentation_mask": "masks/brain.n5:/mask/s2",
+                    "skip_constant_tiles": False,
+                }
+            },
+            "hostOptions().subMap(['blocks_per_task', 'precision', 'mask', 'skip_constant'])",
+        ),
+        ({"params": {}}, "[maskSpec(''), maskSpec(null), maskSpec('/a/b.n5:c:/d/s0')]"),
+        ({"params": {}}, refused("maskSpec('/data/mask.n5')")),
+        ({"params": {}}, refused("maskSpec('/data/mask.n5:')")),
+    ]
+    sub = [
+        ({}, "def o = segmentationOptions([:]); [o.blocks_per_task, segmentArgs(o)]"),
+        (
+            {},
+            "def o = segmentationOptions([blocks_per_task: '3', precision: 'fp16', mask: '/m.n5:/s0', skip_constant: false, "
+            "segmentation_args: '--unet_batch_size 2']); [o.blocks_per_task, segmentArgs(o)]",
+        ),
+        ({}, refused("segmentationOptions([blocks_per_task: 0])")),
+        ({}, refused("segmentationOptions([blocks_per_task: 'two'])")),
+        ({}, refused("segmentationOptions([precision: 'fp8'])")),
+        ({}, refused("segmentationOptions([mask: '/data/mask.n5'])")),
+        ({"plan": plan}, "[2, 1, 5, 7].collect { n -> blockTasks(plan, n) }"),
+        ({}, "blockTasks([], 4)"),
+    ]
+    groovy = Groovy(tmp_path / "groovy")
+    results = groovy.evaluate([(b, section_functions(FACADE), c) for b, c in facade])
+    results += groovy.evaluate([(b, section_functions(SUBWORKFLOW), c) for b, c in sub])
+    defaults, custom, masks, no_dataset, empty_dataset = results[:5]
+    sub_defaults, sub_custom, zero, words, fp8, bad_mask, cuts, nothing = results[5:]
+
+    config = config_params()
+    assert defaults == {
+        "blocks_per_task": config["blocks_per_task"],
+        "precision": config["segmentation_precision"],
+        "mask": config["segmentation_mask"],
+        "skip_constant": config["skip_constant_tiles"],
+    }
+    assert config["blocks_per_task"] == sub_defaults[0]  # the subworkflow's own default is the pipeline's
+    assert custom == {
+        "blocks_per_task": "3",
+        "precision": "bf16",
+        "mask": f"{Path.cwd() / 'masks/brain.n5'}:/mask/s2",  # from the launch directory
+        "skip_constant": False,
+    }
+    assert masks == ["", "", "/a/b.n5:c:/d/s0"]  # split at the last colon, as segment_volume.py does
+    assert "is not CONTAINER:DATASET" in no_dataset and "segmentation_mask" in no_dataset
+    assert "is not CONTAINER:DATASET" in empty_dataset
+    assert sub_defaults[1] == "--precision fp32 --skip-constant"
+    assert sub_custom == [3, "--unet_batch_size 2 --precision fp16 --no-skip-constant"]  # the mask is the module's input
+    assert "blocks_per_task must be a whole number of 1 or more, not '0'" in zero
+    assert "blocks_per_task" in words and "segmentation_precision" in fp8 and "segmentation_mask" in bad_mask
+
+    def summary(tasks):
+        return [(t["task"]["index"], t["task"]["count"], t["task"]["range"], [b["start"][0] for b in t["blocks"]]) for t in tasks]
+
+    per2, per1, per5, per7 = cuts
+    assert summary(per2) == [(0, 3, "0-1", ["0", "1"]), (1, 3, "2-3", ["2", "3"]), (2, 3, "4", ["4"])]
+    assert summary(per1) == [(i, 5, str(i), [str(i)]) for i in range(5)]
+    assert summary(per5) == summary(per7) == [(0, 1, "0-4", ["0", "1", "2", "3", "4"])]
+    assert all(t["task"]["volume_blocks"] == 5 for t in per2 + per1 + per5)
+    assert per2[0]["blocks"] == [{"start": "0,0,0", "end": "1,1,1"}, {"start": "1,0,0", "end": "2,1,1"}]  # no fraction
+    assert nothing == []

@@ -104,7 +104,7 @@ def test_every_file_is_clean(analysis):
 def test_type_checking_is_on(analysis):
     """A wrong `.out.<emit>` name, which only the type checker reports, is reported."""
     messages = [d.message for d in analysis.defect]
-    assert any("blocks" in m and "SEGMENT_VOLUME" in m for m in messages), messages
+    assert any("volumes" in m and "SEGMENT_VOLUME" in m for m in messages), messages
 
 
 def test_main_dag(analysis):
@@ -285,6 +285,11 @@ def test_modules_follow_the_conventions():
     assert {"process_gpu", "withGPU"} <= set(segment.labels)
     assert ("path", "model") in segment.inputs[1]
     assert all(kind == "val" for kind, _ in segment.inputs[0])
+    # a task is several blocks (one --start/--end pair each); the mask's container is bound
+    assert ("val", "blocks") in segment.inputs[0] and [("val", "mask")] in segment.inputs
+    assert segment.output("blocks").kinds[-1] == ("val", "blocks")
+    assert "maskContainer(mask)" in segment.container_options
+    assert "meta.task.range" in segment.directive("tag")
     for name in ("TRAIN_UNET", "EVALUATE_UNET"):
         assert {"process_gpu", "withGPU"} <= set(found[name].labels), name
     for name in ("MAKE_TRAINING_REGIONS", "PREPARE_DATASET"):
@@ -350,5 +355,6 @@ def test_params_reuse_the_host_names_and_defaults():
 def test_subworkflow_file_is_meta_style():
     text = SUBWORKFLOW.read_text()
     assert re.search(r"take:\n\s+ch_volumes\s+// channel: \[ meta, in_n5, in_dataset, out_n5, out_dataset \]", text)
-    assert "groupKey(meta.id, meta.block.count)" in text  # per-volume barrier
+    # per-volume barrier: counts the volume's tasks (blockTasks), not its blocks
+    assert "groupKey(meta.id, meta.task.count)" in text and "meta.block" not in text
     assert parse_module(ROOT / "modules/local/segment_volume/main.nf").name == "SEGMENT_VOLUME"

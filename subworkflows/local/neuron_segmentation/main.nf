@@ -4,13 +4,14 @@ include { CREATE_VOLUME  } from '../../../modules/local/create_volume'
 include { SEGMENT_VOLUME } from '../../../modules/local/segment_volume'
 
 /*
- * Block-wise U-Net segmentation of N5 volumes, one task per block.
+ * Block-wise U-Net segmentation of N5 volumes, up to blocks_per_task blocks per task.
  *
  * For each volume: (1) plan the blocks and the scaling-factor sampling jobs (bin/plan_blocks.py:
  * the chunk grid, partial_volume and the host's arithmetic live in the Python library, not here),
  * (2) optionally sample a global intensity scaling factor in parallel jobs and average it,
- * (3) create the output dataset (input dims and chunks), (4) segment each block, (5) emit the
- * volume as soon as all of its own blocks are done.
+ * (3) create the output dataset (input dims and chunks), (4) segment the blocks, consecutive ones
+ * grouped into tasks (one model load per task), (5) emit the volume as soon as all of its own
+ * tasks are done.
  */
 workflow NEURON_SEGMENTATION {
 
@@ -67,27 +68,25 @@ workflow NEURON_SEGMENTATION {
     CREATE_VOLUME(ch_inputs, createArgs(opts))
 
     //
-    // One task per planned block
+    // The planned blocks in tasks of up to blocks_per_task consecutive blocks (one model load each)
     //
-    def ch_blocks = CREATE_VOLUME.out.volume
+    def ch_tasks = CREATE_VOLUME.out.volume
         .map { meta, in_n5, in_ds, out_n5, out_ds -> [meta.id, meta, in_n5, in_ds, out_n5, out_ds] }
         .join(ch_scaling)
         .join(ch_plan)
         .flatMap { _id, meta, in_n5, in_ds, out_n5, out_ds, scaling, blocks, _jobs ->
-            (0..<blocks.size()).collect { index ->
-                def block = blocks[index]
-                def block_meta = meta + [scaling: scaling, block: [index: index, count: blocks.size()]]
-                [block_meta, in_n5, in_ds, out_n5, out_ds, block.start, block.end, scaling]
+            blockTasks(blocks, opts.blocks_per_task as int).collect { group ->
+                [meta + [scaling: scaling, task: group.task], in_n5, in_ds, out_n5, out_ds, group.blocks, scaling]
             }
         }
-    SEGMENT_VOLUME(ch_blocks, ch_model, segmentArgs(opts), opts.segmentation_resources)
+    SEGMENT_VOLUME(ch_tasks, ch_model, segmentArgs(opts), opts.mask, opts.segmentation_resources)
 
     //
-    // Per-volume barrier: each volume is released as soon as its own blocks are all done
+    // Per-volume barrier: each volume is released as soon as its own tasks are all done
     //
-    def ch_segmented = SEGMENT_VOLUME.out.block
-        .map { meta, in_n5, in_ds, out_n5, out_ds, _start, _end ->
-            [groupKey(meta.id, meta.block.count), meta.findAll { key, _value -> key != 'block' }, in_n5, in_ds, out_n5, out_ds]
+    def ch_segmented = SEGMENT_VOLUME.out.blocks
+        .map { meta, in_n5, in_ds, out_n5, out_ds, _blocks ->
+            [groupKey(meta.id, meta.task.count), meta.findAll { key, _value -> key != 'task' }, in_n5, in_ds, out_n5, out_ds]
         }
         .groupTuple()
         .map { _key, metas, in_n5s, in_dss, out_n5s, out_dss -> [metas[0], in_n5s[0], in_dss[0], out_n5s[0], out_dss[0]] }
@@ -101,7 +100,7 @@ workflow NEURON_SEGMENTATION {
 // Options. Geometry (blocks, regions, chunk grids, sampling jobs) is planned by bin/plan_blocks.py.
 // ------------------------------------------------------------------------------------------------
 
-// The options map with defaults filled in (the host pipeline's defaults).
+// The options map with defaults filled in (the host pipeline's defaults), checked.
 def segmentationOptions(Map options) {
     def defaults = [
         partition_size              : '512',            // block edge(s), one number or x,y,z: rounded up to the chunk grid
@@ -115,11 +114,26 @@ def segmentationOptions(Map options) {
         binary                      : false,            // uint8 0/1 output instead of float32 probabilities
         compression                 : 'gzip',           // codec of the output dataset
         overwrite                   : false,            // replace an output dataset of other dims, chunks or dtype
+        blocks_per_task             : 4,                // blocks per SEGMENT_VOLUME task (one model load each)
+        precision                   : 'fp32',           // segment_volume.py --precision: fp32, bf16 or fp16
+        mask                        : '',               // tissue mask 'container:dataset' (absolute container), '' = none
+        skip_constant               : true,             // constant input tiles answered without the model
         segmentation_args           : '',               // extra segment_volume.py flags
         segmentation_resources      : [:],              // [cpus:, memory:, container:] of SEGMENT_VOLUME
         scaling_resources           : [:],              // [cpus:, memory:, container:] of SCALING_FACTOR
     ]
-    return defaults + options
+    def opts = defaults + options
+    def perTask = "${opts.blocks_per_task}".trim()
+    if (!(perTask ==~ /\d+/) || perTask.toInteger() < 1) {
+        error("blocks_per_task must be a whole number of 1 or more, not '${opts.blocks_per_task}'")
+    }
+    if (!['fp32', 'bf16', 'fp16'].contains("${opts.precision}".trim())) {
+        error("segmentation_precision must be fp32, bf16 or fp16, not '${opts.precision}'")
+    }
+    if (opts.mask && !("${opts.mask}" ==~ /.+:.+/)) {
+        error("segmentation_mask '${opts.mask}' is not CONTAINER:DATASET (e.g. /data/mask.n5:/mask/s0)")
+    }
+    return opts + [blocks_per_task: perTask.toInteger()]
 }
 
 // A size given as a number, an 'x,y,z' string or a list, as the 'x,y,z' (or 'n') text the scripts take.
@@ -148,13 +162,32 @@ def createArgs(Map opts) {
     ].findAll { arg -> arg != '' }.join(' ')
 }
 
-// segment_volume.py flags: the caller's, plus the region blocks are clipped to (so a block that
-// ends inside a chunk at the region's edge is accepted: no other block writes that chunk).
+// segment_volume.py flags: the caller's, the region blocks are clipped to (so a block that ends
+// inside a chunk at the region's edge is accepted: no other block writes that chunk), the precision
+// and constant-tile skipping. The mask is the module's own input (its container is bound).
 def segmentArgs(Map opts) {
     return [
         "${opts.segmentation_args}",
         opts.partial_volume ? "--partial_volume ${sizeText(opts.partial_volume)}" : '',
+        "--precision ${opts.precision}",
+        opts.skip_constant ? '--skip-constant' : '--no-skip-constant',
     ].findAll { arg -> arg != '' }.join(' ')
+}
+
+// A volume's planned blocks (planLines) as SEGMENT_VOLUME tasks of up to `perTask` consecutive
+// blocks, in plan order; the last task may be shorter. Per task: [ task: [ index:, count:,
+// range: 'first-last' (plan indices, as segment_volume.py --block-index takes them),
+// volume_blocks: ], blocks: [ [start:, end:], ... ] ]. Only indices are grouped: no geometry.
+def blockTasks(List blocks, int perTask) {
+    def groups = blocks.collate(perTask)
+    return groups.withIndex().collect { group, index ->
+        def first = index * perTask
+        def last = first + group.size() - 1
+        [
+            task   : [index: index, count: groups.size(), range: [first, last].unique().join('-'), volume_blocks: blocks.size()],
+            blocks : group.collect { block -> [start: block.start, end: block.end] },
+        ]
+    }
 }
 
 // The lines of a plan file: 'x0,y0,z0,x1,y1,z1' (blocks) or 'x0,y0,z0,x1,y1,z1 fraction' (scaling jobs).
