@@ -620,7 +620,6 @@ class Predictor:
         if precision != "fp32":  # refused now, before any block starts (this loads TensorFlow)
             self.device = check_precision_supported(precision, import_tensorflow())
         self._engine: TileEngine | None = None
-        self._engine_lock = threading.Lock()
         self._patterns: dict[tuple, np.ndarray] = {}  # constant answers known in this process
         self._recorded: set[Path] = set()  # records checked or written by this process
 
@@ -648,16 +647,9 @@ class Predictor:
     @property
     def engine(self) -> TileEngine:
         """The TensorFlow engine for this tile shape, built (and TensorFlow loaded) on first use."""
-        with self._engine_lock:  # built once, also when warm_up() is building it in another thread
-            if self._engine is None:
-                self._engine = self._new_engine(self.input_shape, self.output_shape)
+        if self._engine is None:
+            self._engine = self._new_engine(self.input_shape, self.output_shape)
         return self._engine
-
-    def warm_up(self) -> None:
-        """Start loading TensorFlow and building the engine in a background thread (while the caller
-        reads its first tile); the first :meth:`predict` waits for it.  Nothing if already built."""
-        if self._engine is None and not self._engine_lock.locked():
-            threading.Thread(target=lambda: self.engine, name="engine-warm-up", daemon=True).start()
 
     @property
     def engine_loaded(self) -> bool:

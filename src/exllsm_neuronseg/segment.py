@@ -552,7 +552,6 @@ def segment_block(
                 raise InputValueError(f"{input_volume} holds NaN or infinite voxels near {box}")  # pragma: no cover
             if skip_constant and _is_constant(tile):
                 return tile.reshape(-1)[:1].copy(), "constant", time.perf_counter() - t
-            predictor.warm_up()  # the first tile that needs the model starts TensorFlow, in the background
             return tile, "model", time.perf_counter() - t
 
         rx, ry, rz = grid.tile_indices(block)
