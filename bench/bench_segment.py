@@ -52,7 +52,7 @@ DEFAULT_MODEL = str(ROOT.parent / "shared" / "models" / "neuron_2021.h5")
 
 # One child process: segment_block on one block, or segment_blocks on several (one model load).
 CHILD = """
-import ast, json, resource, sys, time
+import ast, json, sys, time
 t0 = time.perf_counter()
 a = json.loads(sys.argv[1])
 kw = ast.literal_eval(sys.argv[2])
@@ -74,7 +74,8 @@ json.dump(dict(
     model_tiles=total("model_tiles"), constant_tiles=total("constant_tiles"),
     background_tiles=total("background_tiles"), flops=total("flops"),
     per_block_seconds=[r.seconds for r in results],
-    maxrss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    # VmHWM: this process's own peak (ru_maxrss would also count the parent's RSS at fork time)
+    maxrss_gb=int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1e6,
 ), open(a["stats"], "w"))
 """
 
