@@ -19,7 +19,7 @@ HELP = __doc__.strip().splitlines()[0]
 
 def scaling_factor(
     input: str = typer.Option(..., "-i", "--input", help="Input container (N5 or zarr)."),
-    data_set: str = typer.Option("/s0", "-d", "--data_set", "--dataset", help="Dataset path inside the container."),
+    data_set: str = typer.Option("/s0", "-id", "--input-dataset", "--input_data_set", "-d", "--data_set", "--dataset", help="Dataset path inside the container (-d/--data_set: the original's name)."),
     n_tiles: Optional[int] = typer.Option(None, "-n", "--n_tiles", "--n-tiles", min=0, help="Number of tiles to sample (at most all)."),
     percent_tiles: Optional[float] = typer.Option(None, "-p", "--percent_tiles", "--fraction-tiles", min=0.0, help="Fraction of tiles to sample (0.1 = 10%), used when -n is absent."),
     partition_size: str = typer.Option("200,200,200", "--partition_size", "--partition-size", help="Tile size x,y,z."),
@@ -46,6 +46,11 @@ def scaling_factor(
     tiles = rectangular_tiles(region.start, region.end, parse_xyz(partition_size, "--partition_size", minimum=1))
     chosen = choose_tiles(len(tiles), n_tiles, percent_tiles, seed)
     typer.echo(f"Select {len(chosen)} random tiles out of {len(tiles)}")
+    if not len(chosen):
+        typer.echo(
+            f"warning: {percent_tiles} of {len(tiles)} tiles is less than one tile: no factor (null) from this region",
+            err=True,
+        )
     if scaling_plots_dir is not None:
         scaling_plots_dir.mkdir(parents=True, exist_ok=True)
     result = sample_scaling(

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from exllsm_neuronseg.errors import ScalingError
+from exllsm_neuronseg.errors import ParameterError, ScalingError
 from exllsm_neuronseg.scaling import VolumeScaling, check_scaling_factor, choose_tiles, scaling_factor
 
 
@@ -61,8 +61,12 @@ def test_tile_choice():
     assert len(choose_tiles(10, 3, None, 1)) == 3
     assert len(choose_tiles(10, 30, None, 1)) == 10
     assert len(choose_tiles(10, None, 0.25, 1)) == 2  # floor(0.25 * 10)
-    assert len(choose_tiles(10, None, 5.0, 1)) == 10  # a fraction above 1 is clipped
-    assert len(choose_tiles(10, None, None, 1)) == 0
+    assert len(choose_tiles(10, None, 1.0, 1)) == 10
+    assert len(choose_tiles(10, None, 0.05, 1)) == 0  # too small a fraction of a small region: none (null factor)
+    with pytest.raises(ParameterError, match="above 1: it is a fraction"):
+        choose_tiles(10, None, 5.0, 1)  # the original clipped it to 1 without a word
+    with pytest.raises(ParameterError, match="no sampling asked for"):
+        choose_tiles(10, None, None, 1)
     np.testing.assert_array_equal(choose_tiles(100, 7, None, 42), choose_tiles(100, 7, None, 42))
 
 

@@ -210,21 +210,31 @@ class VolumeScaling:
 
 
 def choose_tiles(total: int, n_tiles: int | None, fraction: float | None, seed: int | None) -> np.ndarray:
-    """Pick tile indices like the original: ``-n`` wins, else ``floor(min(p,1) * total)``.
+    """Pick tile indices like the original: a positive ``n_tiles`` wins, else ``floor(fraction * total)``.
 
-    ``n_tiles`` must be >= 0, ``fraction`` a finite number >= 0 and ``seed`` an integer >= 0
-    (numpy's seeds); :class:`ParameterError` otherwise.
+    ``n_tiles`` must be >= 0, ``fraction`` a finite number in [0, 1] (the original took ``min(p, 1)``,
+    so ``50`` meant "every tile" without a word) and ``seed`` an integer >= 0 (numpy's seeds); at
+    least one of the two must be given (the original printed a ``null`` factor from 0 tiles when
+    neither was); :class:`ParameterError` otherwise.  A fraction too small to choose a tile of a
+    small region chooses none (the factor is then ``null``, as the pipeline's sampling jobs at the
+    volume's edge expect).
     """
+    if n_tiles is None and fraction is None:
+        raise ParameterError("no sampling asked for: give a number of tiles, or a fraction of them (0.1 = 10%)")
     if n_tiles is not None and n_tiles < 0:
         raise ParameterError(f"number of tiles {n_tiles} must be >= 0")
     if fraction is not None and not (math.isfinite(fraction) and fraction >= 0):
         raise ParameterError(f"fraction of tiles {fraction} must be a finite number >= 0 (0.1 = 10%)")
+    if fraction is not None and fraction > 1:
+        raise ParameterError(
+            f"fraction of tiles {fraction} is above 1: it is a fraction (0.1 = 10%, 1 = every tile), not a percentage"
+        )
     if seed is not None and seed < 0:
         raise ParameterError(f"random seed {seed} must be an integer >= 0")
     if n_tiles is not None and n_tiles > 0:
         n = min(n_tiles, total)
     elif fraction is not None and fraction > 0:
-        n = int(min(fraction, 1.0) * total)
+        n = int(fraction * total)
     else:
         n = 0
     rng = np.random.default_rng(seed)

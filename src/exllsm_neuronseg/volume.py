@@ -422,6 +422,15 @@ def open_volume_spec(spec: str, what: str = "the volume") -> Volume:
     return open_volume(container, dataset)
 
 
+def _dataset_in_container_hint(path: Path) -> str:
+    """When ``path`` is a dataset (or a group) inside a container, how to name it instead."""
+    for parent in reversed(path.absolute().parents):  # the outermost container: groups carry the marker too
+        if (parent / "attributes.json").is_file() and _json_object(parent / "attributes.json").get("n5") or (parent / ".zgroup").is_file():
+            inner = path.absolute().relative_to(parent).as_posix()
+            return f": {path} is the dataset /{inner} inside the container {parent}; give the container and the dataset path separately"
+    return ""
+
+
 def open_volume(container: str | Path, dataset: str, mode: str = "r") -> Volume:
     """Open ``container`` (N5 or zarr v2), then the dataset path inside it.
 
@@ -436,7 +445,8 @@ def open_volume(container: str | Path, dataset: str, mode: str = "r") -> Volume:
     try:
         root = zarr.open(store=_store(container), mode=mode)
     except (ValueError, KeyError, OSError) as exc:
-        raise VolumeError(f"container {container} is not a readable N5 or zarr container ({exc})") from exc
+        hint = _dataset_in_container_hint(Path(container))
+        raise VolumeError(f"container {container} is not a readable N5 or zarr container ({exc}){hint}") from exc
     try:
         if dataset and not (Path(container) / dataset).is_dir():
             raise KeyError(dataset)
