@@ -33,6 +33,64 @@ def overwrite_hint() -> str:
     return os.environ.get("EXLLSM_OVERWRITE_HINT") or "--overwrite replaces it"
 
 
+# The block selection of the per-block scripts (chosen_blocks reads it)
+StartOption = typer.Option(
+    None, "--start", help="Block start x,y,z (inclusive); repeat with --end for several blocks. Default 0,0,0 (an empty value is an error)."
+)
+EndOption = typer.Option(None, "--end", help="Block end x,y,z (exclusive), one per --start. Default: the image shape.")
+BlocksOption = typer.Option(
+    None, "--blocks", help="Block plan file from plan_blocks.py (one x0,y0,z0,x1,y1,z1 per line); with --block-index, instead of --start/--end."
+)
+BlockIndexOption = typer.Option(
+    "all", "--block-index", help="Which blocks of --blocks to run: 0-based indices and ranges, e.g. 0-3,7 (default all)."
+)
+
+
+def read_plan(path: str) -> list:
+    """The blocks (Boxes) of a block plan file (plan_blocks.py -o); one error line when it cannot be
+    read, is malformed or lists no blocks."""
+    from exllsm_neuronseg.geometry import read_block_plan
+
+    try:
+        text = open(path).read()
+    except OSError as exc:
+        fail(f"cannot read the block plan {path}: {exc.strerror}")
+    plan = read_block_plan(text, path)
+    if not plan:
+        fail(f"the block plan {path} lists no blocks")
+    return plan
+
+
+def chosen_blocks(
+    start: list[str] | None,
+    end: list[str] | None,
+    blocks: str | None,
+    block_index: str,
+    image_shape: tuple[int, int, int],
+) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """The (start, end) x,y,z pairs a per-block script runs: repeated --start/--end pairs (default
+    the whole image), or --blocks FILE with --block-index LIST (0-based indices and ranges, or all)."""
+    from exllsm_neuronseg.geometry import parse_xyz, select_indices
+
+    starts, ends = start or [], end or []
+    if blocks is not None:
+        if starts or ends:
+            fail("give the blocks either as --start/--end pairs or as --blocks FILE, not both")
+        plan = read_plan(blocks)
+        return [(plan[i].start, plan[i].end) for i in select_indices(block_index, len(plan))]
+    if block_index != "all":
+        fail("--block-index selects blocks of a --blocks file; give --blocks too")
+    if max(len(starts), len(ends)) > 1 and len(starts) != len(ends):
+        fail(f"{len(starts)} --start and {len(ends)} --end values: give one --end per --start")
+    return [
+        (
+            parse_xyz(starts[i], "--start") if starts else (0, 0, 0),  # "" is an error, not a default
+            parse_xyz(ends[i], "--end") if ends else image_shape,
+        )
+        for i in range(max(len(starts), len(ends), 1))
+    ]
+
+
 def set_gpu_memory_growth() -> None:
     """--set_gpu_mem_growth: let TensorFlow grow GPU memory as needed instead of taking it all."""
     from exllsm_neuronseg.inference import import_tensorflow
@@ -55,8 +113,12 @@ VersionOption = typer.Option(
 
 
 def app_for(command: Callable, help_text: str) -> typer.Typer:
-    """A single-command typer app whose command errors become one stderr line and exit 2."""
-    app = typer.Typer(add_completion=False, help=help_text, pretty_exceptions_enable=False)
+    """A single-command typer app whose command errors become one stderr line and exit 2.
+
+    Help is plain text (``rich_markup_mode=None``): rich's boxed tables cut long flag names
+    (``--training-data…``) to fit 80 columns, and write box-drawing characters into logs.
+    """
+    app = typer.Typer(add_completion=False, help=help_text, pretty_exceptions_enable=False, rich_markup_mode=None)
     app.command(help=help_text, context_settings={"help_option_names": ["-h", "--help"]})(command)
     return app
 
@@ -129,13 +191,16 @@ def describe_os_error(error: OSError) -> str:
 class Progress:
     """Tiles (or tiles of blocks) done with a rate, on stderr; a tqdm bar when stderr is a terminal.
 
-    Without tqdm (the light create-volume image has none) it prints a plain line every 30 s and at the end.
+    Elsewhere (a redirected log), or without tqdm (the light create-volume image has none), it
+    prints a plain line every 30 s and at the end: no carriage returns or escape codes in logs.
     """
 
     def __init__(self, unit: str, total_voxels: float = 0.0, enabled: bool = True) -> None:
         try:
             from tqdm import tqdm
         except ImportError:
+            tqdm = _PlainBar
+        if not sys.stderr.isatty():
             tqdm = _PlainBar
         self.bar = None
         self.unit, self.total_voxels, self.enabled = unit, total_voxels, enabled

@@ -2,10 +2,10 @@
 """Create the output dataset of a segmentation before its blocks run in parallel.
 
 It takes the input's dims and chunk size (N5 blockSize) and its resolution attributes; dtype is
-float32 for probabilities or uint8 for binary masks; gzip compressed unless --compression says
-otherwise. An existing dataset of the same dims, chunks and dtype is kept (so re-runs keep finished
-blocks, and its own compression); anything else is an error unless --overwrite is given, which
-replaces it. The output can never be the input dataset itself.
+float32 for probabilities, uint8 for binary masks or uint64 for labels (write_labels.py); gzip
+compressed unless --compression says otherwise. An existing dataset of the same dims, chunks and
+dtype is kept (so re-runs keep finished blocks, and its own compression); anything else is an error
+unless --overwrite is given, which replaces it. The output can never be the input dataset itself.
 
 Every dataset it makes gets a new creation identity (a kept one keeps its own, or gets one if it
 has none), and appears at its path only once complete. Blocks still writing into a dataset that
@@ -25,7 +25,7 @@ def create_volume(
     input_dataset: str = typer.Option("/s0", "-id", "--input_data_set", "--input-dataset", "--template_data_set", help="Template dataset path."),
     output: str = typer.Option(..., "-o", "--output", help="Output container (created if missing; N5 unless named *.zarr)."),
     output_dataset: str = typer.Option("/s0", "-od", "--output_data_set", "--output-dataset", "--target_data_set", help="Output dataset path."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 (probabilities) or uint8 (binary masks)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (probabilities), uint8 (binary masks) or uint64 (labels of write_labels.py)."),
     as_binary_mask: bool = typer.Option(False, "--as_binary_mask", "--as-binary-mask", help="Shorthand for --dtype uint8."),
     chunks: str | None = typer.Option(None, "--chunks", help="Chunk size x,y,z (default: the input's)."),
     compression: str = typer.Option("gzip", "--compression", "--n5_compression", help="N5 compression: gzip, raw, bzip2 (bz2), xz (lzma) or blosc (the host's n5_compression)."),
@@ -36,13 +36,15 @@ def create_volume(
     from exllsm_neuronseg.codecs import compressor, describe
     from exllsm_neuronseg.errors import OutputError, OutputExistsError
     from exllsm_neuronseg.geometry import format_xyz, parse_xyz
+    from exllsm_neuronseg.provenance import ATTRIBUTE as PROVENANCE
+    from exllsm_neuronseg.provenance import stage_record
     from exllsm_neuronseg.volume import create_volume as create
     from exllsm_neuronseg.volume import dataset_exists, input_attributes, open_volume, same_dataset
 
     if as_binary_mask:
         dtype = "uint8"
-    if dtype not in ("float32", "uint8"):
-        raise OutputError(f"--dtype {dtype!r} is not supported: use float32 (probabilities) or uint8 (binary masks)")
+    if dtype not in ("float32", "uint8", "uint64"):
+        raise OutputError(f"--dtype {dtype!r} is not supported: use float32 (probabilities), uint8 (binary masks) or uint64 (labels)")
     compressor(compression, compression_level)  # a bad name or level fails before anything is read
     template = open_volume(input, input_dataset)
     if same_dataset(input, input_dataset, output, output_dataset):
@@ -56,7 +58,10 @@ def create_volume(
             template.shape,
             chunk_shape,
             dtype,
-            attributes=input_attributes(template),
+            attributes={
+                **input_attributes(template),
+                PROVENANCE: stage_record("create_volume", {"dtype": dtype, "chunks": list(chunk_shape)}, template),
+            },
             compression=compression,
             compression_level=compression_level,
             overwrite=overwrite,

@@ -10,7 +10,19 @@ each block keeps its own done marker and prints its own summary line.
 from __future__ import annotations
 
 import typer
-from _cli import Progress, VersionOption, app_for, fail, run, set_gpu_memory_growth
+from _cli import (
+    BlockIndexOption,
+    BlocksOption,
+    EndOption,
+    Progress,
+    StartOption,
+    VersionOption,
+    app_for,
+    chosen_blocks,
+    fail,
+    run,
+    set_gpu_memory_growth,
+)
 
 HELP = __doc__.strip().splitlines()[0]
 
@@ -22,10 +34,10 @@ def segment_volume(
     output_dataset: str = typer.Option("/s0", "-od", "--output_data_set", "--output-dataset", help="Dataset path inside the output container."),
     model_path: str = typer.Option(..., "-m", "--model_path", "--model", help="U-Net model file (.h5)."),
     scaling: float | None = typer.Option(None, "-s", "--scaling", help="Intensity scaling factor (from scaling_factor.py). Without it the block computes its own, which makes seams."),
-    start: list[str] | None = typer.Option(None, "--start", help="Block start x,y,z (inclusive); repeat with --end for several blocks. Default 0,0,0 (an empty value is an error)."),
-    end: list[str] | None = typer.Option(None, "--end", help="Block end x,y,z (exclusive), one per --start. Default: the image shape."),
-    blocks: str | None = typer.Option(None, "--blocks", help="Block plan file from plan_blocks.py (one x0,y0,z0,x1,y1,z1 per line); with --block-index, instead of --start/--end."),
-    block_index: str = typer.Option("all", "--block-index", help="Which blocks of --blocks to run: 0-based indices and ranges, e.g. 0-3,7 (default all)."),
+    start: list[str] | None = StartOption,
+    end: list[str] | None = EndOption,
+    blocks: str | None = BlocksOption,
+    block_index: str = BlockIndexOption,
     image_shape: str | None = typer.Option(None, "--image_shape", "--image-shape", help="Volume shape x,y,z; read from the data, checked if given."),
     model_input_shape: str | None = typer.Option(None, "--model_input_shape", "--model-input-shape", "--tile-shape", help="Tile input shape x,y,z (each edge s = 4 mod 8, s >= 92), or 'auto' (the default): 348,348,220 capped to the image, ~25% less work per voxel than 220^3. The result does not depend on it beyond float rounding."),
     model_output_shape: str | None = typer.Option(None, "--model_output_shape", "--model-output-shape", help="Tile output shape x,y,z (input - 88), or 'auto'; checked against the input shape if both are given."),
@@ -50,7 +62,7 @@ def segment_volume(
     import numpy as np
 
     from exllsm_neuronseg.errors import VolumeError
-    from exllsm_neuronseg.geometry import format_xyz, parse_xyz, processed_region, read_block_plan, select_indices
+    from exllsm_neuronseg.geometry import format_xyz, parse_xyz, processed_region
     from exllsm_neuronseg.inference import check_precision_name
     from exllsm_neuronseg.segment import PostProcessing, segment_blocks
     from exllsm_neuronseg.volume import open_volume, open_volume_spec
@@ -59,31 +71,7 @@ def segment_volume(
     source = open_volume(input, input_dataset)
     if image_shape is not None and parse_xyz(image_shape, "--image_shape") != source.shape:
         fail(f"--image_shape {image_shape} disagrees with {source}, which has shape {format_xyz(source.shape)}")
-    starts, ends = start or [], end or []
-    if blocks is not None:
-        if starts or ends:
-            fail("give the blocks either as --start/--end pairs or as --blocks FILE, not both")
-        try:
-            text = open(blocks).read()
-        except OSError as exc:
-            fail(f"cannot read the block plan {blocks}: {exc.strerror}")
-        plan = read_block_plan(text, blocks)
-        if not plan:
-            fail(f"the block plan {blocks} lists no blocks")
-        chosen = [(plan[i].start, plan[i].end) for i in select_indices(block_index, len(plan))]
-    else:
-        if block_index != "all":
-            fail("--block-index selects blocks of a --blocks file; give --blocks too")
-        if max(len(starts), len(ends)) > 1 and len(starts) != len(ends):
-            fail(f"{len(starts)} --start and {len(ends)} --end values: give one --end per --start")
-        n = max(len(starts), len(ends), 1)
-        chosen = [
-            (
-                parse_xyz(starts[i], "--start") if starts else (0, 0, 0),  # "" is an error, not a default
-                parse_xyz(ends[i], "--end") if ends else source.shape,
-            )
-            for i in range(n)
-        ]
+    chosen = chosen_blocks(start, end, blocks, block_index, source.shape)
     region = processed_region(partial_volume, source.shape)  # the whole image without --partial_volume
     tissue = open_volume_spec(mask, "the mask") if mask is not None else None
     try:

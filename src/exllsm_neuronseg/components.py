@@ -2,7 +2,7 @@
 
 Three steps, each per block except the merge, so memory per task is bounded by one block:
 
-1. :func:`label_block_records` (one task per block): the block's foreground (``value > threshold``,
+1. :func:`write_block_record` (one task per block): the block's foreground (``value > threshold``,
    or ``value != 0`` for a mask), optionally restricted to the objects an earlier pass kept, is
    labelled with 6- or 26-connectivity (``scipy.ndimage.label``).  What the merge needs is written
    to a *record* (``<records>/<block key>.npz``, atomically): per local object its voxel count, its
@@ -19,35 +19,46 @@ Three steps, each per block except the merge, so memory per task is bounded by o
    size (or without a seed voxel, for hysteresis) are dropped and the kept ones renumbered
    consecutively in the same order.  The *table* (``<records>/table.npz``) maps every block's
    local labels to final ids (0 = dropped); the object list is returned with the statistics.
+   :func:`write_object_table` writes the object list as CSV and JSON.
 3. :func:`block_labels` (one task per block): the block is labelled again (the same input and
-   settings give the same local labels) and mapped through the table.
+   settings give the same local labels) and mapped through the table; :func:`write_blocks` writes
+   blocks of it into a uint64 dataset, checked first (aligned to its chunks, in the plan), each
+   block with a done marker as :mod:`.segment` keeps them.
 
 So the labels equal ``scipy.ndimage.label`` of the whole thresholded volume, after the same size
 filter and renumbering, for any grid of blocks (tested).  A killed task leaves no record or a
-complete one (records and the table are written to a temporary name, then renamed), the merge
-refuses an incomplete set, and the per-block steps only ever recompute: re-running anything
-is safe.
+complete one (records, the table and the object table are written to a temporary name, then
+renamed; a re-run removes what a killed one left), the merge refuses an incomplete set, and the
+per-block steps recompute (a block written with a matching done marker is skipped): re-running
+anything is safe.  The test hook (:mod:`.testhook`) can stop a process at
+``record:temporary-written``, ``merge:table-temporary-written``,
+``merge:objects-temporary-written`` and ``write:block-written``.
 
 Global post-processing (:func:`post_process_block`) is two such passes: hysteresis (objects of
 ``p > low`` holding a voxel ``p > high``), then the size filter on ``p > probability threshold``
-inside the kept objects; the result equals :func:`.postprocess.post_process` of one block covering
-the volume.
+inside the kept objects (:func:`post_processing_tables` checks that the second pass was restricted
+to the first); the result equals :func:`.postprocess.post_process` of one block covering the volume.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import GeometryError, NeuronSegError, ParameterError
-from .geometry import Box, format_xyz
-from .volume import Volume, dataset_identity, input_attributes
+from . import testhook
+from .errors import GeometryError, NeuronSegError, OutputError, ParameterError
+from .geometry import Box, check_chunk_aligned, format_xyz
+from .volume import Volume, block_identity, dataset_identity, input_attributes, same_dataset, write_error_message
 
 RECORD_FORMAT = 1
 TABLE_NAME = "table.npz"
@@ -112,21 +123,28 @@ def block_key(block: Box) -> str:
     return f"{format_xyz(block.start).replace(',', '_')}-{format_xyz(block.end).replace(',', '_')}"
 
 
-def local_labels(volume: Volume, block: Box, settings: PassSettings, executor=None) -> tuple[np.ndarray, int, np.ndarray]:
-    """The block's local labels (z,y,x, int32, 1..n in the block's scan order), n, and the block's values."""
+def local_labels(
+    volume: Volume,
+    block: Box,
+    settings: PassSettings,
+    executor=None,
+    values: np.ndarray | None = None,
+    restricted_to: np.ndarray | None = None,
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """The block's local labels (z,y,x, int32, 1..n in the block's scan order), n, and the block's
+    values (read here unless given: the block of ``volume``, z,y,x).  ``restricted_to``: the voxels
+    the pass's ``restrict`` pass kept in this block, when the caller has them already."""
     from scipy import ndimage
 
-    values = volume.read_chunked_zyx(block, executor)
-    if values.dtype.kind == "f" and not np.isfinite(values).all():
-        volume.check_finite(block, executor)  # raises: how many, and the first
+    if values is None:
+        values = volume.read_chunked_zyx(block, executor)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            volume.check_finite(block, executor)  # raises: how many, and the first
     foreground = values > settings.threshold if settings.threshold is not None else values != 0
     if settings.restrict is not None:
-        earlier = _read_table(Path(settings.restrict))
-        earlier_settings = PassSettings(**earlier["settings"])
-        labels, _, _ = local_labels(volume, block, earlier_settings, executor)
-        keep = table_mapping(earlier, block) > 0
-        foreground &= keep[labels]
-        del labels
+        if restricted_to is None:
+            restricted_to = _labels_of(volume, block, checked_table(volume, settings.restrict), executor, values) > 0
+        foreground &= restricted_to
     labels = np.empty(values.shape, dtype=np.int32)
     n = int(ndimage.label(foreground, structure=structure(settings.connectivity), output=labels))
     return labels, n, values
@@ -191,7 +209,7 @@ def write_block_record(volume: Volume, block: Box, settings: PassSettings, recor
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"identity": records_identity(volume, settings), "block": [list(block.start), list(block.end)],
             "settings": asdict(settings)}
-    _save_npz(folder / f"{block_key(block)}.npz", meta=np.array(json.dumps(meta)), **record)
+    _save_npz(folder / f"{block_key(block)}.npz", "record:temporary-written", meta=np.array(json.dumps(meta)), **record)
     return record["n"]
 
 
@@ -210,6 +228,7 @@ class MergeResult:
     contacts: int  # distinct pairs of pieces touching across block faces
     table: Path
     rows: list[dict]  # per kept object, in id order: the object table
+    columns: list[str] = field(default_factory=lambda: object_columns(False))  # the rows' keys, in order
 
     def summary(self) -> str:
         unseeded = f", {self.dropped_unseeded} without a seed voxel" if self.dropped_unseeded else ""
@@ -363,14 +382,13 @@ def merge_records(
     from scipy.sparse.csgraph import connected_components
 
     blocks = list(blocks)
-    if settings is None:
-        settings = records_settings(records, blocks)
-
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ParameterError(f"minimum object size {min_size!r} must be a whole number of voxels >= 0")
+    check_grid(blocks, volume.box)
+    if settings is None:
+        settings = records_settings(records, blocks)
     if require_seed and settings.seed_threshold is None:
         raise ParameterError("objects can only be required to hold a seed voxel when the pass has a seed threshold")
-    check_grid(blocks, volume.box)
     identity = records_identity(volume, settings)
     recs = load_records(records, blocks, identity)
     counts = np.array([r["n"] for r in recs], dtype=np.int64)
@@ -412,20 +430,21 @@ def merge_records(
     fingerprint = hashlib.sha256(identity.encode() + mapping.tobytes() + str(min_size).encode() + str(require_seed).encode()).hexdigest()[:24]
     meta = {"identity": identity, "settings": asdict(settings), "fingerprint": fingerprint, "min_size": int(min_size),
             "require_seed": bool(require_seed), "blocks": [[list(b.start), list(b.end)] for b in blocks]}
-    _save_npz(table, meta=np.array(json.dumps(meta)), mapping=mapping, offsets=offsets, counts=counts)
+    _save_npz(table, "merge:table-temporary-written", meta=np.array(json.dumps(meta)), mapping=mapping, offsets=offsets, counts=counts)
 
     rows = []
     resolution, unit = physical_scale(volume)
     for obj in kept_in_order:
         n = int(size[obj])
         centroid = sums[:, obj] / n
+        lo, hi = bbox_lo[obj], bbox_hi[obj]
         row = {
             "id": int(final[obj]), "voxels": n,
-            "x0": int(bbox_lo[obj, 0]), "y0": int(bbox_lo[obj, 1]), "z0": int(bbox_lo[obj, 2]),
-            "x1": int(bbox_hi[obj, 0]), "y1": int(bbox_hi[obj, 1]), "z1": int(bbox_hi[obj, 2]),
+            "x0": int(lo[0]), "y0": int(lo[1]), "z0": int(lo[2]), "x1": int(hi[0]), "y1": int(hi[1]), "z1": int(hi[2]),
             "centroid_x": float(centroid[0]), "centroid_y": float(centroid[1]), "centroid_z": float(centroid[2]),
         }
         if resolution is not None:
+            row.update({f"{a}{e}_{unit}": float(v * r) for e, box in ((0, lo), (1, hi)) for a, v, r in zip("xyz", box, resolution)})
             row.update({f"centroid_{a}_{unit}": float(c * r) for a, c, r in zip("xyz", centroid, resolution)})
             row[f"volume_{unit}3"] = float(n * np.prod(resolution))
         row["mean_value"] = float(value_sum[obj] / n)
@@ -433,7 +452,55 @@ def merge_records(
         rows.append(row)
     unseeded = int((~seeded).sum()) if require_seed else 0
     small = int((size < min_size).sum()) if not require_seed else int(((size < min_size) & seeded).sum())
-    return MergeResult(n_objects, len(kept_in_order), small, unseeded, total, len(pairs), table, rows)
+    return MergeResult(
+        n_objects, len(kept_in_order), small, unseeded, total, len(pairs), table, rows, object_columns(resolution is not None, unit)
+    )
+
+
+def object_columns(physical: bool, unit: str = "um") -> list[str]:
+    """The object table's columns, in order: id, voxel count, bounding box (x0,y0,z0 inclusive,
+    x1,y1,z1 exclusive) and centroid in voxels, then (with a resolution) the box, centroid and volume
+    in ``unit``, then the mean and max value (probability) over the object's voxels."""
+    columns = ["id", "voxels", "x0", "y0", "z0", "x1", "y1", "z1", "centroid_x", "centroid_y", "centroid_z"]
+    if physical:
+        columns += [f"{a}{e}_{unit}" for e in (0, 1) for a in "xyz"]
+        columns += [f"centroid_{a}_{unit}" for a in "xyz"] + [f"volume_{unit}3"]
+    return columns + ["mean_value", "max_value"]
+
+
+def object_table_paths(path: str | Path) -> tuple[Path, Path]:
+    """The CSV and JSON files of an object table written to ``path`` (the JSON: same stem, ``.json``);
+    :class:`OutputError` unless ``path`` can name the CSV file."""
+    csv_path = Path(path)
+    if csv_path.suffix.lower() == ".json" or not csv_path.name or csv_path.is_dir():
+        raise OutputError(f"object table path {str(path)!r} must name a CSV file (e.g. objects.csv); the JSON goes beside it")
+    return csv_path, csv_path.with_suffix(".json")
+
+
+def write_object_table(result: MergeResult, path: str | Path, about: dict | None = None) -> tuple[Path, Path]:
+    """Write the merge's object table as CSV at ``path`` and as JSON beside it (same stem, ``.json``),
+    each whole or not at all.  The JSON holds the counts under ``summary``, ``about`` (e.g. the input
+    and the settings), the columns, and the rows under ``objects``.  Returns both paths."""
+    csv_path, json_path = object_table_paths(path)
+
+    def write_csv(tmp: Path) -> None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=result.columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(result.rows)
+        tmp.write_text(text.getvalue())
+
+    def write_json(tmp: Path) -> None:
+        counts = {k: getattr(result, k) for k in ("objects", "kept", "dropped_small", "dropped_unseeded", "pieces", "contacts")}
+        content = {"summary": counts, **(about or {}), "columns": result.columns, "objects": result.rows}
+        tmp.write_text(json.dumps(content, indent=1) + "\n")
+
+    try:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically({csv_path: write_csv, json_path: write_json}, "merge:objects-temporary-written")
+    except OSError as exc:
+        raise OutputError(write_error_message("the object table", exc, csv_path.parent)) from exc
+    return csv_path, json_path
 
 
 def physical_scale(volume: Volume) -> tuple[tuple[float, float, float] | None, str]:
@@ -488,43 +555,226 @@ def table_mapping(table: dict, block: Box) -> np.ndarray:
     return out
 
 
+def checked_table(volume: Volume, records: str | Path) -> dict:
+    """The merge table in ``records``, refused (:class:`RecordError`) unless it was made from this
+    input with the settings it records (an earlier pass it was restricted to included)."""
+    table = _read_table(Path(records))
+    try:
+        settings = PassSettings(**table["settings"])
+        same = records_identity(volume, settings) == table["identity"]
+    except RecordError as exc:  # the earlier pass's table is gone or unreadable
+        raise RecordError(f"the merge table in {records} depends on a pass that cannot be read: {exc}") from exc
+    if not same:
+        raise RecordError(
+            f"the merge table in {records} was made from another input or with other settings (or the pass it was "
+            f"restricted to changed since): run the labelling and the merge again for {volume}"
+        )
+    return table
+
+
 def block_labels(volume: Volume, block: Box, records: str | Path, executor=None) -> np.ndarray:
     """Final uint64 labels of one block (z,y,x), from its local labels and the merge table."""
-    table = _read_table(Path(records))
-    settings = PassSettings(**table["settings"])
-    if records_identity(volume, settings) != table["identity"]:
-        raise RecordError(f"the merge table in {records} was made from another input or with other settings")
-    labels, _, _ = local_labels(volume, block, settings, executor)
+    return _labels_of(volume, block, checked_table(volume, records), executor)
+
+
+def _labels_of(volume: Volume, block: Box, table: dict, executor=None, values: np.ndarray | None = None) -> np.ndarray:
+    labels, _, _ = local_labels(volume, block, PassSettings(**table["settings"]), executor, values)
     return table_mapping(table, block)[labels]
 
 
 def post_process_block(volume: Volume, block: Box, hysteresis_records: str | Path, size_records: str | Path, executor=None) -> np.ndarray:
     """Globally post-processed probabilities of one block (z,y,x float32): voxels of objects the
     hysteresis pass kept, minus the objects the size pass dropped."""
-    kept = block_labels(volume, block, hysteresis_records, executor) > 0
-    values = volume.read_chunked_zyx(block, executor).astype(np.float32)
-    values[~kept] = 0
-    table = _read_table(Path(size_records))
-    settings = PassSettings(**table["settings"])
-    labels, _, _ = local_labels(volume, block, settings, executor)
-    small = (labels > 0) & (table_mapping(table, block)[labels] == 0)
-    values[small] = 0
-    return values
+    hysteresis, size = post_processing_tables(volume, hysteresis_records, size_records)
+    return _post_processed(volume, block, hysteresis, size, executor)
 
 
-def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+def post_processing_tables(volume: Volume, hysteresis_records: str | Path, size_records: str | Path) -> tuple[dict, dict]:
+    """The two merge tables of global post-processing, checked: both from this input, and the size
+    pass restricted to the objects the hysteresis pass kept."""
+    hysteresis = checked_table(volume, hysteresis_records)
+    size = checked_table(volume, size_records)
+    if PassSettings(**size["settings"]).key()["restrict"] != hysteresis["fingerprint"]:
+        raise RecordError(
+            f"the size pass in {size_records} was not restricted to the hysteresis pass in {hysteresis_records}: "
+            f"label its blocks restricted to that pass, then merge them again"
+        )
+    return hysteresis, size
+
+
+def _post_processed(volume: Volume, block: Box, hysteresis: dict, size: dict, executor=None) -> np.ndarray:
+    values = volume.read_chunked_zyx(block, executor)
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        volume.check_finite(block, executor)  # raises: how many, and the first
+    kept = _labels_of(volume, block, hysteresis, executor, values) > 0
+    # the size pass is restricted to the hysteresis pass (post_processing_tables checked it)
+    labels, _, _ = local_labels(volume, block, PassSettings(**size["settings"]), executor, values, kept)
+    small = (labels > 0) & (table_mapping(size, block)[labels] == 0)
+    del labels
+    out = values.astype(np.float32)  # a copy for float32 input too: values stays the input
+    out[~kept | small] = 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Per block: the result written into an output dataset
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WriteResult:
+    block: Box
+    post_processing: bool  # globally post-processed probabilities, not labels
+    objects: int = 0  # distinct object ids in the block (labels)
+    voxels: int = 0  # nonzero voxels written
+    seconds: float = 0.0
+    skipped: bool = False
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"block {self.block}: already done (marker present), skipped"
+        if self.post_processing:
+            return f"block {self.block}: {self.voxels} voxels kept by post-processing, written in {self.seconds:.1f} s"
+        return f"block {self.block}: {self.objects} objects ({self.voxels} voxels) labelled in {self.seconds:.1f} s"
+
+
+def check_result_output(output: Volume, volume: Volume, post_processing: bool) -> None:
+    """The output must be another dataset than the input, of its dims, uint64 for labels (float32 for
+    post-processed probabilities), and writable."""
+    if same_dataset(volume.container, volume.dataset, output.container, output.dataset):
+        raise OutputError(f"the output {output} is the input dataset itself: write into another dataset")
+    if output.shape != volume.shape:
+        raise OutputError(
+            f"output dataset {output} has dims {format_xyz(output.shape)}, but the input has {format_xyz(volume.shape)}: "
+            "create it from the input (create_volume.py)"
+        )
+    wanted = np.dtype(np.float32) if post_processing else np.dtype(np.uint64)
+    if output.dtype != wanted:
+        what = "post-processed probabilities" if post_processing else "labels"
+        raise OutputError(f"output dataset {output} is {output.dtype}: {what} are written into a {wanted} dataset")
+    if not os.access(output.path, os.W_OK):
+        raise OutputError(f"output dataset {output} is not writable (check permissions of {output.path})")
+
+
+def write_blocks(
+    volume: Volume,
+    output: Volume,
+    blocks: Sequence[Box],
+    records: str | Path | None = None,
+    post_processing: tuple[str | Path, str | Path] | None = None,
+    executor: Executor | None = None,
+    skip_done: bool = True,
+    on_result: Callable[[WriteResult], None] | None = None,
+) -> list[WriteResult]:
+    """Write the final labels of ``blocks`` (from the merge table in ``records``) into the uint64
+    ``output``, or with ``post_processing`` = (hysteresis records, size records) the globally
+    post-processed probabilities into the float32 ``output``.
+
+    Everything is checked before the first block is written: the tables (made from this input, the
+    size pass restricted to the hysteresis pass), the output (:func:`check_result_output`), every
+    block one of the tables' plan, given once and aligned to the output's chunk grid (or the plan's
+    edges), so blocks written by parallel jobs never share a chunk.  Each block is recomputed from
+    the input and written whole; a done marker (as :mod:`.segment` keeps them, recording the tables'
+    fingerprints and the output's identity) lets a re-run skip it unless ``skip_done`` is false.
+    """
+    from .segment import block_is_done, check_output_identity, invalidate_overlapping_markers, mark_block_done, run_fingerprint
+
+    if (records is None) == (post_processing is None):
+        raise ParameterError("give either the records of one pass (labels) or the hysteresis and size records (post-processing)")
+    if post_processing is not None:
+        tables = list(post_processing_tables(volume, *post_processing))
+    else:
+        tables = [checked_table(volume, records)]  # type: ignore[arg-type]
+    check_result_output(output, volume, post_processing is not None)
+    blocks = list(blocks)
+    if not blocks:
+        raise GeometryError("no blocks given")
+    plan = tables[0]["blocks"]
+    for table in tables[1:]:
+        if table["blocks"] != plan:
+            raise RecordError("the hysteresis and size passes were merged over different block plans: use one plan for both")
+    region = Box(tuple(min(b.start[a] for b in plan) for a in range(3)), tuple(max(b.end[a] for b in plan) for a in range(3)))  # type: ignore[arg-type]
+    planned, seen = set(plan), set()
+    for block in blocks:
+        if block not in planned:
+            raise GeometryError(f"block {block} is not one of the {len(plan)} blocks of the plan the merge was made for")
+        if block in seen:
+            raise GeometryError(f"block {block} is given twice: the blocks of one run must be distinct")
+        seen.add(block)
+        check_chunk_aligned(block, output.chunks, output.shape, region)
+    kind = "post-processing" if post_processing is not None else "labels"
+    fingerprint = run_fingerprint({"components": kind, "tables": [t["fingerprint"] for t in tables]})
+    identity = block_identity(output.path)
+    if identity is None:
+        raise OutputError(f"the output dataset {output} no longer exists: create it again (create_volume.py)")
+
+    results = []
+    for block in blocks:
+        t0 = time.perf_counter()
+        result = WriteResult(block, post_processing is not None)
+        if skip_done and block_is_done(output, block, fingerprint):
+            result.skipped = True
+        else:
+            check_output_identity(output, identity)
+            invalidate_overlapping_markers(output, block)
+            output.remove_partial_chunk_files(block)  # what a killed run of this block left
+            if post_processing is not None:
+                data = _post_processed(volume, block, tables[0], tables[1], executor)
+            else:
+                labels, n, _ = local_labels(volume, block, PassSettings(**tables[0]["settings"]), executor)
+                mapping = table_mapping(tables[0], block)
+                data = mapping[labels]
+                del labels
+                result.objects = int(np.count_nonzero(np.unique(mapping[1:])))
+            result.voxels = int(np.count_nonzero(data))
+            output.write_chunked_zyx(block, data, executor)
+            del data
+            testhook.checkpoint("write:block-written")
+            info = {"block": [list(block.start), list(block.end)], "components": kind, "input": dataset_identity(volume)}
+            mark_block_done(output, block, fingerprint, identity, info)
+        result.seconds = time.perf_counter() - t0
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
+def _save_npz(path: Path, moment: str, **arrays) -> None:
+    """Write ``path`` whole or not at all: to a temporary name, then renamed (``moment``: the test
+    hook's checkpoint between the two)."""
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
-        tmp.replace(path)
+
+    _write_atomically({path: write}, moment)
+
+
+def _write_atomically(files: dict[Path, Callable[[Path], None]], moment: str) -> None:
+    """Write each file through ``files[path](temporary)`` to a temporary sibling, then rename them
+    all into place; what killed runs left beside these files (``.<name>.<pid>.partial``) is removed
+    first. One job writes a given file at a time (one block's record, one merge), so a leftover is
+    never another live writer's."""
+    temporaries = {path: path.with_name(f".{path.name}.{os.getpid()}.partial") for path in files}
+    try:
+        for path in files:
+            for leftover in path.parent.glob(f".{path.name}.*.partial"):
+                leftover.unlink(missing_ok=True)
+        for path, write in files.items():
+            write(temporaries[path])
+        testhook.checkpoint(moment)
+        for path, tmp in temporaries.items():
+            tmp.replace(path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)
         raise
 
 
 
 __all__ = [
-    "HOST_SHAPES", "MergeResult", "PassSettings", "RecordError", "block_labels", "block_record", "check_grid",
-    "connectivity_of", "merge_records", "records_settings", "physical_scale", "post_process_block", "table_mapping", "write_block_record",
+    "HOST_SHAPES", "MergeResult", "PassSettings", "RecordError", "WriteResult", "block_labels", "block_record", "check_grid",
+    "check_result_output", "checked_table", "connectivity_of", "merge_records", "object_columns", "physical_scale",
+    "object_table_paths", "post_process_block", "post_processing_tables", "records_settings", "table_mapping",
+    "write_block_record", "write_blocks", "write_object_table",
 ]

@@ -617,7 +617,12 @@ def segment_block(
             block,
             fingerprint,
             output_identity,
-            {"block": [list(block.start), list(block.end)], "settings": settings, "seconds": result.seconds},
+            {
+                "block": [list(block.start), list(block.end)],
+                "settings": settings,
+                "model_name": predictor.path.name,
+                "seconds": result.seconds,
+            },
         )
         return result
     finally:

@@ -48,6 +48,8 @@ import numpy as np
 from . import codecs
 from .errors import NeuronSegError, OutputError, OutputExistsError, TiffError, VolumeError
 from .geometry import XYZ, Box, format_xyz, grid_cells, parse_xyz, processed_region
+from .provenance import ATTRIBUTE as PROVENANCE
+from .provenance import stage_record
 from .volume import (
     Volume,
     check_not_inside_a_dataset,
@@ -645,7 +647,8 @@ def tiff_to_n5(
         discard_dataset(Path(container) / temporary)
     volume = create_volume(
         container, temporary, stack.shape, chunks, stack.dtype,
-        attributes=stack.resolution_attributes(), compression=compression, compression_level=compression_level,
+        attributes={**stack.resolution_attributes(), PROVENANCE: stage_record("tiff_to_n5", record)},
+        compression=compression, compression_level=compression_level,
     )
     log.info(
         "converting %d TIFF %s (%s, %s) into %s:/%s: %d chunks of %s",

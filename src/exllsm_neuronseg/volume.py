@@ -35,6 +35,7 @@ codecs.install()  # ISA-L gzip/zlib: same streams, ~10x faster encoding
 
 # Attributes carried from the input dataset to outputs (N5 viewers and the host read these).
 RESOLUTION_ATTRIBUTES = ("pixelResolution", "resolution", "downsamplingFactors", "units", "offset")
+PROVENANCE_ATTRIBUTE = "exllsmProvenance"  # the creation record (see provenance.py)
 
 
 def check_container_path(container: str | Path) -> str:
@@ -582,7 +583,7 @@ def create_volume(
             compressor=compressor,
             fill_value=0,
         )
-        kept = {k: v for k, v in (attributes or {}).items() if k in RESOLUTION_ATTRIBUTES}
+        kept = {k: v for k, v in (attributes or {}).items() if k in (*RESOLUTION_ATTRIBUTES, PROVENANCE_ATTRIBUTE)}
         array.attrs.update({**kept, IDENTITY_ATTRIBUTE: new_identity()})
         _install(Path(container) / temporary, target, replace)
         array = root[dataset]

@@ -9,11 +9,14 @@ process PLAN_BLOCKS {
 
     input:
     tuple val(meta), val(n5), val(dataset)
-    // plan_blocks.py flags: --partition_size, --partial_volume, --scaling_* (see meta.yml)
+    // plan_blocks.py flags: --partition_size, --partial_volume, --scaling_*, and for the cost report
+    // --rate-mvox-s, --as_binary_mask, --model_input_shape (see meta.yml)
     val options
 
     output:
     tuple val(meta), path('blocks.txt'), path('scaling_jobs.txt'), emit: plan
+    // the run's cost before any block runs: blocks, voxels to compute, time per device, output size
+    tuple val(meta), path('plan.json'), emit: report
     tuple val("${task.process}"), val('exllsm-neuronseg'), eval('plan_blocks.py --version | cut -d " " -f 3'), topic: versions, emit: versions_plan_blocks
 
     when:
@@ -24,7 +27,7 @@ process PLAN_BLOCKS {
     """
     plan_blocks.py \\
         --input ${n5} --input_data_set ${dataset} \\
-        --output blocks.txt --scaling_output scaling_jobs.txt \\
+        --output blocks.txt --scaling_output scaling_jobs.txt --report plan.json \\
         ${options} ${args}
     """
 
@@ -33,6 +36,7 @@ process PLAN_BLOCKS {
     """
     echo "0,0,0,1,1,1" > blocks.txt
     touch scaling_jobs.txt
+    echo '{"blocks": 1}' > plan.json
     """
 }
 
