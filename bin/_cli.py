@@ -35,14 +35,14 @@ def overwrite_hint() -> str:
 
 # The block selection of the per-block scripts (chosen_blocks reads it)
 StartOption = typer.Option(
-    None, "--start", help="Block start x,y,z (inclusive); repeat with --end for several blocks. Default 0,0,0 (an empty value is an error)."
+    None, "--start", metavar="X,Y,Z", help="Block start x,y,z (inclusive); repeat with --end for several blocks. Default 0,0,0 (an empty value is an error)."
 )
-EndOption = typer.Option(None, "--end", help="Block end x,y,z (exclusive), one per --start. Default: the image shape.")
+EndOption = typer.Option(None, "--end", metavar="X,Y,Z", help="Block end x,y,z (exclusive), one per --start. Default: the image shape.")
 BlocksOption = typer.Option(
-    None, "--blocks", help="Block plan file from plan_blocks.py (one x0,y0,z0,x1,y1,z1 per line); with --block-index, instead of --start/--end."
+    None, "--blocks", metavar="FILE", help="Block plan file from plan_blocks.py (one x0,y0,z0,x1,y1,z1 per line); with --block-index, instead of --start/--end."
 )
 BlockIndexOption = typer.Option(
-    "all", "--block-index", help="Which blocks of --blocks to run: 0-based indices and ranges, e.g. 0-3,7 (default all)."
+    "all", "--block-index", metavar="LIST", help="Which blocks of --blocks to run: 0-based indices and ranges, e.g. 0-3,7 (default all)."
 )
 
 

@@ -33,7 +33,7 @@ def segment_volume(
     output: str = typer.Option(..., "-o", "--output", help="Output container (its dataset must exist: create_volume.py)."),
     output_dataset: str = typer.Option("/s0", "-od", "--output_data_set", "--output-dataset", help="Dataset path inside the output container."),
     model_path: str = typer.Option(..., "-m", "--model_path", "--model", help="U-Net model file (.h5)."),
-    scaling: float | None = typer.Option(None, "-s", "--scaling", help="Intensity scaling factor (from scaling_factor.py). Without it the block computes its own, which makes seams."),
+    scaling: str | None = typer.Option(None, "-s", "--scaling", metavar="FACTOR", help="Intensity scaling factor (from scaling_factor.py). Without it the block computes its own, which makes seams."),
     start: list[str] | None = StartOption,
     end: list[str] | None = EndOption,
     blocks: str | None = BlocksOption,
@@ -64,6 +64,7 @@ def segment_volume(
     from exllsm_neuronseg.errors import VolumeError
     from exllsm_neuronseg.geometry import format_xyz, parse_xyz, processed_region
     from exllsm_neuronseg.inference import check_precision_name
+    from exllsm_neuronseg.scaling import parse_scaling_factor
     from exllsm_neuronseg.segment import PostProcessing, segment_blocks
     from exllsm_neuronseg.volume import open_volume, open_volume_spec
 
@@ -97,7 +98,7 @@ def segment_volume(
         target,
         model_path,
         chosen,
-        scaling=scaling,
+        scaling=parse_scaling_factor(scaling) if scaling is not None else None,
         input_shape=tile_in,
         output_shape=tile_out,
         batch_size=unet_batch_size,

@@ -145,7 +145,7 @@ BAD_SEGMENT_INPUTS = {
     "block outside the region": ({"--partial_volume": "0,0,0,32,64,64"}, "does not lie in the processed region"),
     "malformed partial volume": ({"--partial_volume": "0,0,0,64,64"}, "must have 6 values x0,y0,z0,dx,dy,dz"),
     "partial volume outside image": ({"--partial_volume": "0,140,0,64,64,64"}, "outside the image"),
-    "nan scaling": ({"--scaling": "nan"}, "scaling factor nan cannot be used"),
+    "nan scaling": ({"--scaling": "nan"}, "scaling factor 'nan': that is what the scaling step prints"),
     "infinite scaling": ({"--scaling": "inf"}, "scaling factor inf cannot be used"),
     "zero scaling": ({"--scaling": "0"}, "must be a finite number > 0"),
     "negative scaling": ({"--scaling": "-0.001"}, "must be a finite number > 0"),

@@ -54,3 +54,19 @@ def test_the_original_and_the_common_dataset_flag_both_work(small):
         proc = run_script("scaling_factor.py", "-i", small, flag, "/c1/s0", "-n", "1", "--partition_size", "32,32,32", "--seed", "1")
         assert proc.returncode == 0, (flag, proc.stderr)
         assert proc.stdout.strip().splitlines()[-1].startswith("Calculated a scaling factor of "), proc.stdout
+
+
+@pytest.mark.parametrize("value, fragment", [("null", "what the scaling step prints when none"), ("abc", "is not a number")])
+def test_a_scaling_factor_pasted_from_a_failed_scaling_step_says_why(small, tmp_path, value, fragment):
+    run_script("create_volume.py", "-i", small, "-id", "c1/s0", "-o", tmp_path / "out.n5", "-od", "seg/s0", check=True)
+    line = one_error(run_script(
+        "segment_volume.py", "-i", small, "-id", "c1/s0", "-o", tmp_path / "out.n5", "-od", "seg/s0",
+        "-m", "unused.h5", "-s", value,
+    ))
+    assert fragment in line, line
+
+
+def test_block_options_show_what_they_take():
+    help_text = run_script("segment_volume.py", "--help").stdout
+    assert "--start X,Y,Z" in help_text and "--blocks FILE" in help_text and "-s, --scaling FACTOR" in help_text
+    assert "<list[str]>" not in help_text

@@ -1,6 +1,6 @@
 """Post-processing of probability maps: hysteresis, then small-object removal (26-connectivity).
 
-Both follow the original tool's semantics exactly (spec 4.4) but label once (O(N)) instead of
+Both follow the original tool's semantics exactly (its postProcessing.py) but label once (O(N)) instead of
 flood-filling once per seed.
 """
 

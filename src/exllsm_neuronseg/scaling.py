@@ -209,6 +209,22 @@ class VolumeScaling:
         return f"Calculated a scaling factor of {token} based on {len(self.valid_factors)}/{self.total} tiles"
 
 
+def parse_scaling_factor(text: str) -> float:
+    """A scaling factor given as text (a command line): a number; ``null``/``nan``/``none`` (what the
+    scaling step prints when no sampled tile gave a factor) and anything else raise
+    :class:`ScalingError` saying what to do.  The value itself is checked by :func:`check_scaling_factor`."""
+    word = text.strip()
+    if word.lower() in ("null", "nan", "none", ""):
+        raise ScalingError(
+            f"scaling factor {text!r}: that is what the scaling step prints when none of its sampled tiles gave a "
+            "factor (too few tiles, or tiles of empty space); sample more tiles or another region, or give a number"
+        )
+    try:
+        return float(word)
+    except ValueError:
+        raise ScalingError(f"scaling factor {text!r} is not a number (e.g. 0.00045, from the scaling step)") from None
+
+
 def choose_tiles(total: int, n_tiles: int | None, fraction: float | None, seed: int | None) -> np.ndarray:
     """Pick tile indices like the original: a positive ``n_tiles`` wins, else ``floor(fraction * total)``.
 

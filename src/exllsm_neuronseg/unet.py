@@ -36,7 +36,7 @@ BLOCK_CLASS_NAMES = ("InputBlock", "DownsampleBlock", "BottleneckBlock", "Upsamp
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Hyper-parameters of the U-Net (spec section 2.1)."""
+    """Hyper-parameters of the U-Net (the original tool's build_unet arguments)."""
 
     n_blocks: int = 2
     initial_filters: int = 4

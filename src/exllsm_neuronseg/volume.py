@@ -234,7 +234,7 @@ class Volume:
     def read_reflect_zyx(self, box: Box, executor: Executor | None = None) -> np.ndarray:
         """Read any box in storage order; voxels outside the image are numpy-'reflect' padded.
 
-        This is the original tool's border rule (spec 4.3) applied to the whole image: the edge
+        This is the original tool's border rule (numpy reflect padding of each tile) applied to the whole image: the edge
         voxel is not repeated, and the values do not depend on which box is asked for.
         """
         index = [reflect_index(np.arange(s, e), n) for s, e, n in zip(box.start, box.end, self.shape)]
