@@ -26,7 +26,7 @@ def evaluate_unet(
     model_input_shape: Optional[str] = typer.Option(None, "--model_input_shape", "--model-input-shape", help="Model input x,y,z (default: the example size)."),
     with_occlusions: bool = typer.Option(False, "--with-occlusions", help="Occlude the inputs with one zeroed cube each."),
     occlusion_size: int = typer.Option(40, "--occlusion-size", min=1, help="Edge of the occluding cube."),
-    n_examples: int = typer.Option(40, "--n-examples", help="Examples drawn at random (seeded); 0 = all."),
+    n_examples: int = typer.Option(40, "--n-examples", min=0, help="Examples drawn at random (seeded); 0 = all."),
     keys_file: Optional[str] = typer.Option(None, "--keys-file", help="Evaluate these keys: a JSON list, or a training <name>_split.json (its validation keys)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the example choice and the occlusions."),
     visualization_interval: int = typer.Option(10, "--visualization-interval", min=0, help="Plot every n-th example (0: none)."),

@@ -3,7 +3,9 @@
 
 Each region (HDF5 with a raw and a ground-truth dataset) gets its own intensity scaling factor, is
 tiled like the segmentation, and samples-per-region tiles are drawn favouring tiles with neurons.
-Examples are appended to --dataset-dir (a file); histograms and fit plots go to --output-dir.
+Examples are appended to --dataset-dir (a file, or a folder: <folder>/training-dataset.h5);
+histograms and fit plots go to --output-dir. Every region is checked before anything is written,
+and the dataset is replaced in one step at the end.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ HELP = __doc__.strip().splitlines()[0]
 
 
 def prepare_dataset(
-    dataset_dir: str = typer.Option(..., "--dataset-dir", "--dataset", help="Output HDF5 dataset FILE (appended to; created if missing)."),
+    dataset_dir: str = typer.Option(..., "--dataset-dir", "--dataset", help="Output HDF5 dataset file (appended to; created if missing), or a folder to hold training-dataset.h5."),
     region_dir: Optional[str] = typer.Option(None, "--region-dir", help="Directory holding <R>/<R>.h5 (or <R>.h5) for each name in --regions."),
     regions: str = typer.Option("A1,A2,B1", "--regions", help="Comma-separated region names looked up in --region-dir."),
     region_file: Optional[List[str]] = typer.Option(None, "--region-file", help="A region HDF5 file (repeatable; named after the file stem). Used instead of --region-dir."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Diagnostics directory (histograms, scaling-fit plots); none written if omitted."),
     raw_dataset: str = typer.Option("t0/channel0", "--raw-dataset", help="Raw-image dataset inside each region file."),
-    label_dataset: str = typer.Option("t0/channel2", "--label-dataset", help="Ground-truth dataset inside each region file (> 0 = neuron)."),
+    label_dataset: str = typer.Option("t0/channel2", "--label-dataset", help="Ground-truth dataset inside each region file (integers, > 0 = neuron)."),
+    label_threshold: Optional[float] = typer.Option(None, "--label-threshold", help="Labels above this value are neuron (required for labels that are not whole numbers, e.g. probabilities)."),
     above_threshold_ratio: float = typer.Option(0.9, "--above-threshold-ratio", min=0.0, max=1.0, help="Target share of sampled tiles whose foreground fraction exceeds --threshold."),
     samples_per_region: int = typer.Option(50, "--samples-per-region", min=1, help="Examples drawn per region (capped at the candidate count)."),
     candidates: int = typer.Option(200, "--candidates", min=1, help="Tiles drawn uniformly per region before the weighted draw (all tiles if fewer)."),
@@ -61,6 +64,7 @@ def prepare_dataset(
         candidates,
         threshold,
         seed,
+        label_threshold=label_threshold,
     )
     typer.echo(summary.summary())
 

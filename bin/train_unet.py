@@ -2,7 +2,8 @@
 """Train the ExLLSM neuron U-Net on a prepared dataset (the original training_cmd.py, working).
 
 Checkpoints <model-name><epoch>.h5 every epoch and <model-name>_best.h5 load in segment_volume.py
-as they are; --resume continues from a checkpoint with its optimizer state and epoch count.
+as they are; each checkpoint is committed together with its .state.npz (optimizer, dropout
+generators, epoch, history), so --resume continues the newest complete one exactly.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from _cli import VersionOption, app_for, fail, run, set_gpu_memory_growth
+from _cli import Progress, VersionOption, app_for, fail, run, set_gpu_memory_growth
 
 HELP = __doc__.strip().splitlines()[0]
 
@@ -21,8 +22,9 @@ def train_unet(
     output_dir: str = typer.Option(..., "--output-dir", help="Checkpoints, CSV log, split and plots."),
     model_name: str = typer.Option("resumed", "--model-name", help="Checkpoint prefix: <name><epoch>.h5, <name>_best.h5, <name>.log."),
     set_gpu_mem_growth: bool = typer.Option(False, "--set_gpu_mem_growth", "--set-gpu-mem-growth", help="Let TensorFlow grow GPU memory as needed."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from --pre-trained-model (default: the latest <name><epoch>.h5 in --output-dir)."),
-    pre_trained_model: Optional[str] = typer.Option(None, "--pre-trained-model", help="Checkpoint to resume; its .state.npz restores optimizer and epoch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from --pre-trained-model (default: the newest complete <name><epoch>.h5 in --output-dir)."),
+    pre_trained_model: Optional[str] = typer.Option(None, "--pre-trained-model", help="Checkpoint to resume (its .state.npz restores optimizer, generators and epoch), or a model without one to fine-tune (fresh optimizer from epoch 1)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="A new run replaces an earlier run of --model-name in --output-dir (refused otherwise)."),
     initial_filters: int = typer.Option(4, "--initial-filters", min=1, help="Filters of the first convolution."),
     bottleneck_dropout_rate: float = typer.Option(0.2, "--bottleneck-dropout-rate", min=0.0, max=1.0, help="Dropout after the bottleneck convolutions."),
     spatial_dropout: bool = typer.Option(False, "--spatial-dropout", help="SpatialDropout3D in the down blocks."),
@@ -45,22 +47,21 @@ def train_unet(
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", min=1, help="Steps per epoch (default: one pass over the training examples)."),
     parallel_calls: Optional[int] = typer.Option(None, "--parallel-calls", min=1, help="Examples read and augmented in parallel (default: autotune)."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed for split, initialisation and augmentation (random and printed if omitted; a resumed run reuses its own)."),
-    progress: bool = typer.Option(False, "--progress/--no-progress", help="A per-step progress bar instead of one line per epoch."),
+    progress: bool = typer.Option(False, "--progress/--no-progress", help="Per-step progress: a bar on a terminal, plain lines every 30 s in a log."),
     version: bool = VersionOption,
 ) -> None:
+    import sys
+
     from exllsm_neuronseg.geometry import parse_xyz
-    from exllsm_neuronseg.training import Augmentation, TrainingConfig, latest_checkpoint, train
+    from exllsm_neuronseg.training import Augmentation, TrainingConfig, train
     from exllsm_neuronseg.unet import UNetConfig
 
+    if pre_trained_model and not resume:
+        fail("--pre-trained-model is only used with --resume")
     if set_gpu_mem_growth:
         set_gpu_memory_growth()
-    resume_from = None
-    if resume:
-        resume_from = pre_trained_model or latest_checkpoint(output_dir, model_name)
-        if resume_from is None:
-            fail(f"--resume: no --pre-trained-model given and no {model_name}<epoch>.h5 in {output_dir}")
-    elif pre_trained_model:
-        fail("--pre-trained-model is only used with --resume")
+    # Keras' own bar writes escape codes: only on a terminal; a log gets plain step lines instead
+    bar = progress and sys.stdout.isatty()
     config = TrainingConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -78,7 +79,7 @@ def train_unet(
         parallel_calls=parallel_calls,
         steps_per_epoch=steps_per_epoch,
         model_name=model_name,
-        verbose=1 if progress else 2,
+        verbose=1 if bar else 2,
     )
     unet = UNetConfig(
         n_blocks=n_blocks,
@@ -87,7 +88,12 @@ def train_unet(
         spatial_dropout=spatial_dropout,
         spatial_dropout_rate=spatial_dropout_rate,
     )
-    result = train(training_dataset, output_dir, unet, config, resume_from, with_visualization_sample)
+    steps = Progress("step", enabled=progress and not bar)
+    result = train(
+        training_dataset, output_dir, unet, config, pre_trained_model, with_visualization_sample,
+        resume=resume, overwrite=overwrite, progress=steps,
+    )
+    steps.close()
     typer.echo(result.summary())
 
 

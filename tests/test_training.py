@@ -356,6 +356,7 @@ def test_prepare_dataset_cli(datasets):
 def test_training_outputs(trained):
     out, proc = trained
     assert f"epochs 1-{EPOCHS} on 38 examples (10 validation)" in proc.stdout
+    assert "oneDNN" not in proc.stderr and "absl" not in proc.stderr  # TensorFlow's start-up lines
     for e in range(1, EPOCHS + 1):
         assert (out / f"m{e}.h5").is_file() and (out / f"m{e}.state.npz").is_file()
     for name in ("m_best.h5", "m_split.json", "loss.png", "accuracy.png", "iou.png"):
@@ -412,6 +413,7 @@ def test_trained_model_beats_the_best_global_threshold_on_heldout_data(resumed, 
                       "--output-dir", tmp_path, "--n-examples", "0", "--model_shape", _xyz(TILE_OUT),
                       "--visualization-interval", "8", check=True)
     report = json.loads((tmp_path / "report.json").read_text())
+    assert "oneDNN" not in proc.stderr and "absl" not in proc.stderr  # TensorFlow's start-up lines
     baseline = _heldout_baseline(root / "heldout.h5")
     print(f"held-out F1: model {report['f1']:.4f}, best global threshold {baseline:.4f} "
           f"(report's own search {report['threshold_baseline']['f1']:.4f})")

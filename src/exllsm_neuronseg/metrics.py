@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import DatasetError, GeometryError
+from .errors import DatasetError, GeometryError, ParameterError
+from .training_data import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +361,7 @@ def plot_precision_recall(report: EvaluationReport, output_dir: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.text(0.05, 0.05, f"roc auc : {report.roc_auc:.4f}")
     fig.tight_layout()
-    fig.savefig(output_dir / "PrecisionRecall.png", dpi=80)
+    save_figure(fig, output_dir / "PrecisionRecall.png")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 5))
     for key, p, r in zip(report.keys, report.example_precision, report.example_recall):
@@ -369,7 +371,7 @@ def plot_precision_recall(report: EvaluationReport, output_dir: Path) -> None:
     if len(report.keys) <= 10:
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(output_dir / "PrecisionRecallExamples.png", dpi=80)
+    save_figure(fig, output_dir / "PrecisionRecallExamples.png")
     plt.close(fig)
 
 
@@ -392,12 +394,17 @@ def plot_example(n: int, image: np.ndarray, truth: np.ndarray, prob: np.ndarray,
             ax.set_title(f"z={z}", fontsize=7)
             ax.axis("off")
         fig.tight_layout()
-        fig.savefig(output_dir / f"val_{n}_{suffix}.png", dpi=60)
+        save_figure(fig, output_dir / f"val_{n}_{suffix}.png", dpi=60)
         plt.close(fig)
 
 
 def choose_keys(keys: Sequence[str], n_examples: int, seed: int) -> list[str]:
-    """A seeded random choice of ``n_examples`` keys (all of them when ``n_examples <= 0`` or too few)."""
+    """A seeded random choice of ``n_examples`` keys (all of them when ``n_examples`` is 0 or too few).
+
+    Raises :class:`ParameterError` for a negative count.
+    """
+    if n_examples < 0:
+        raise ParameterError(f"number of examples {n_examples} must be >= 0 (0: all of them)")
     keys = sorted(keys)
     order = np.random.default_rng(seed).permutation(len(keys))
     n = len(keys) if n_examples <= 0 else min(n_examples, len(keys))
@@ -441,17 +448,19 @@ def evaluate_model(
     Examples are centre-cropped to the model input (default: the example size) and their masks
     to the model output.  Writes ``report.txt``, ``report.json``, ``PrecisionRecall.png``,
     ``PrecisionRecallExamples.png`` and, every ``visualization_interval``-th example,
-    ``val_<n>_*.png`` into ``output_dir``.
+    ``val_<n>_*.png`` into ``output_dir``.  Everything is checked (counts, output folder, dataset,
+    keys, model, shapes) before the folder is created; each file is written whole.
     """
-    import tensorflow as tf
-
     from .training import Augmentation, ExampleLoader, weighted_cce_dice_loss
-    from .training_data import ExampleLibrary
+    from .training_data import ExampleLibrary, check_output_dir
     from .unet import check_tile_shapes, load_unet, read_model_weights
 
     t0 = time.perf_counter()
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if n_examples < 0:
+        raise ParameterError(f"number of examples {n_examples} must be >= 0 (0: all of them)")
+    if visualization_interval < 0:
+        raise ParameterError(f"visualization interval {visualization_interval} must be >= 0 (0: no plots)")
+    output_dir = check_output_dir(output_dir, "the evaluation reports")
     library = ExampleLibrary(dataset_path)
     if keys is not None:
         missing = sorted(set(keys) - set(library.keys))
@@ -467,13 +476,20 @@ def evaluate_model(
     in_shape, out_shape = check_tile_shapes(in_shape, None, weights.config.n_blocks)
     if model_output_shape is not None and tuple(model_output_shape) != out_shape:
         raise GeometryError(
-            f"--model_shape {','.join(map(str, model_output_shape))} does not match the model: input "
+            f"model output shape {','.join(map(str, model_output_shape))} does not match the model: input "
             f"{','.join(map(str, in_shape))} gives output {','.join(map(str, out_shape))}"
         )
-    model, _ = load_unet(model_path, input_shape=in_shape)
     loader = ExampleLoader(
         library, chosen, in_shape, out_shape, Augmentation(affine=False, occlusions=occlusions, occlusion_size=occlusion_size)
     )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("report.txt", "report.json"):  # an earlier evaluation's: the new ones mark a finished run
+        (output_dir / name).unlink(missing_ok=True)
+
+    from .inference import import_tensorflow
+
+    tf = import_tensorflow()  # quietly (TensorFlow's C++ start-up lines), before Keras imports it
+    model, _ = load_unet(model_path, input_shape=in_shape)
     loss_fn = weighted_cce_dice_loss(class_weights, dice_weight)
 
     @tf.function(input_signature=[tf.TensorSpec([1, *in_shape, 1], tf.float32)])
@@ -497,7 +513,9 @@ def evaluate_model(
     library.close()
     report = acc.report(str(library.path), str(model_path))
     report.seconds = time.perf_counter() - t0
-    (output_dir / "report.txt").write_text(report.to_text())
-    (output_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     plot_precision_recall(report, output_dir)
+    for name, text in (("report.txt", report.to_text()), ("report.json", json.dumps(report.to_dict(), indent=1))):
+        tmp = output_dir / f"{name}.partial"
+        tmp.write_text(text)
+        os.replace(tmp, output_dir / name)
     return report

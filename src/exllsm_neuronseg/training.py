@@ -9,11 +9,15 @@
   random rotation and a scale in [0.9, 1.1]), occlusion (off by default; one zeroed cube of
   ``occlusion_size``).  Each example's randomness comes from ``(seed, epoch, position)``, so a
   run is reproducible and a resumed run sees the same epochs it would have seen.
-* **Outputs** in ``output_dir``: ``<name><epoch>.h5`` every epoch and ``<name>_best.h5`` (lowest
-  ``val_loss``, or ``loss`` without validation), all in the legacy HDF5 layout that
-  ``segment_volume.py`` loads; ``<name><epoch>.state.npz`` beside each checkpoint (optimizer
-  variables, epoch, best value, seed) for ``resume``; ``<name>.log`` (CSV); ``<name>_split.json``
-  (training and validation keys); ``loss.png``, ``accuracy.png``, ``iou.png``.
+* **Outputs** in ``output_dir``, all written every epoch: ``<name><epoch>.h5`` and
+  ``<name>_best.h5`` (lowest ``val_loss``, or ``loss`` without validation), in the legacy HDF5
+  layout that ``segment_volume.py`` loads; ``<name><epoch>.state.npz`` beside each checkpoint
+  (optimizer variables, the dropout layers' generator states, epoch, best value, seed, split,
+  history and the weights' SHA-256); ``<name>.log`` (CSV); ``<name>_split.json`` (training and
+  validation keys); ``loss.png``, ``accuracy.png``, ``iou.png``.
+* **Resume is exact**: a checkpoint and its state are committed together
+  (:func:`commit_checkpoint`), and a run resumed from one continues bit for bit as the
+  uninterrupted run would have, dropout included (same machine and settings).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 import secrets
 import time
@@ -31,10 +36,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import DatasetError, GeometryError, ModelError
+from . import testhook
+from .errors import DatasetError, GeometryError, ModelError, OutputExistsError, ParameterError
 from .geometry import XYZ, format_xyz
-from .training_data import ExampleLibrary
-from .unet import UNetConfig, check_tile_shapes
+from .training_data import ExampleLibrary, check_output_dir
+from .unet import UNetConfig, check_tile_shapes, read_model_weights
 
 log = logging.getLogger(__name__)
 
@@ -258,17 +264,27 @@ class ExampleLoader:
         return image, np.ascontiguousarray(mask, dtype=np.int32)
 
 
-def epoch_plan(n: int, batch_size: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+def epoch_plan(n: int, batch_size: int, seed: int, epoch: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Example order and per-example augmentation seeds of one epoch (0-based).
 
     Every example once, in a random order, topped up with random repeats to whole batches.
+    ``length`` (steps per epoch x batch size, when set apart from one pass) cuts that short or
+    continues it with further seeded permutations, so that each epoch depends on its number only.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
     extra = (-n) % batch_size
     if extra:
         order = np.concatenate([order, rng.choice(n, extra, replace=n < extra)])
-    return order, rng.integers(0, 2**62, size=len(order))
+    seeds = rng.integers(0, 2**62, size=len(order))
+    if length is None or length == len(order):
+        return order, seeds
+    orders, all_seeds = [order], [seeds]
+    while sum(map(len, orders)) < length:
+        more = np.random.default_rng([seed, epoch, len(orders)])
+        orders.append(more.permutation(n))
+        all_seeds.append(more.integers(0, 2**62, size=n))
+    return np.concatenate(orders)[:length], np.concatenate(all_seeds)[:length]
 
 
 def _as_tensors(tf, loader: ExampleLoader, n_classes: int):
@@ -287,19 +303,22 @@ def training_dataset(
     start_epoch: int = 0,
     parallel_calls: int | None = None,
     n_classes: int = 2,
+    steps_per_epoch: int | None = None,
 ):
     """An endless ``tf.data.Dataset`` of augmented ``(image, one-hot mask)`` batches from ``start_epoch``.
 
     ``parallel_calls`` examples are read and augmented at once (None: ``tf.data.AUTOTUNE``).
+    With ``steps_per_epoch`` every epoch is exactly that many batches of its own plan.
     """
     import tensorflow as tf
 
     n = len(loader)
+    length = steps_per_epoch * batch_size if steps_per_epoch else None
 
     def plan():
         epoch = start_epoch
         while True:
-            order, seeds = epoch_plan(n, batch_size, seed, epoch)
+            order, seeds = epoch_plan(n, batch_size, seed, epoch, length)
             yield from zip(order.tolist(), seeds.tolist())
             epoch += 1
 
@@ -358,6 +377,9 @@ def split_keys(keys: Sequence[str], test_fraction: float, seed: int) -> tuple[li
 # Checkpoints and resume state
 # --------------------------------------------------------------------------------------------
 
+STATE_FORMAT = 2  # training states with the weights' checksum, the run id, the history and the generators
+BEST_ATTRIBUTE = "exllsm_training"  # on <name>_best.h5: {"run_id", "epoch", "value", "monitor"}
+
 
 def state_path(checkpoint: str | Path) -> Path:
     """``<name><epoch>.h5`` -> ``<name><epoch>.state.npz``."""
@@ -365,57 +387,337 @@ def state_path(checkpoint: str | Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + ".state.npz")
 
 
-def save_training_state(path: str | Path, optimizer, info: dict) -> None:
-    """Optimizer variables (in order) and run info (epoch, best value, seed, ...) as ``.npz``."""
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save_training_state(path: str | Path, optimizer, info: dict, model=None) -> None:
+    """Optimizer variables (in order), the model's non-trainable variables (the dropout layers'
+    generator states) and run info as ``.npz``; written under a temporary name, then renamed."""
     path = Path(path)
     arrays = {f"var{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
-    names = np.array([v.path for v in optimizer.variables])
-    tmp = path.with_name(path.name + ".partial.npz")
-    np.savez(tmp, names=names, info=np.array(json.dumps(info)), **arrays)
-    tmp.replace(path)
+    arrays["names"] = np.array([v.path for v in optimizer.variables])
+    if model is not None:
+        variables = model.non_trainable_variables
+        arrays.update({f"model_var{i}": np.asarray(v.numpy()) for i, v in enumerate(variables)})
+        arrays["model_names"] = np.array([v.path for v in variables], dtype=str)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, info=np.array(json.dumps(info)), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_training_state(path: str | Path) -> tuple[list[np.ndarray], list[str], dict]:
+    """``(optimizer values, their names, run info)`` of a ``.state.npz``."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             names = [str(n) for n in data["names"]]
             values = [data[f"var{i}"] for i in range(len(names))]
             info = json.loads(str(data["info"]))
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, EOFError) as exc:
         raise ModelError(f"training state {path} is unreadable ({exc})") from exc
     return values, names, info
 
 
-def restore_optimizer(optimizer, trainable_variables, values: list[np.ndarray], names: list[str], path: Path) -> None:
-    """Build ``optimizer`` for the model and assign the saved variables (checked by count and shape)."""
-    optimizer.build(trainable_variables)
-    variables = optimizer.variables
+def load_model_state(path: str | Path) -> tuple[list[np.ndarray], list[str]]:
+    """The model's non-trainable variables (the generator states) saved in a ``.state.npz``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = [str(n) for n in data["model_names"]] if "model_names" in data else []
+            return [data[f"model_var{i}"] for i in range(len(names))], names
+    except (OSError, KeyError, ValueError, EOFError) as exc:
+        raise ModelError(f"training state {path} is unreadable ({exc})") from exc
+
+
+def _assign(variables, values: list[np.ndarray], names: list[str], path: Path, what: str, skip=lambda name: False) -> None:
     if len(variables) != len(values):
         raise ModelError(
-            f"training state {path} holds {len(values)} optimizer variables, this model's optimizer has "
-            f"{len(variables)}; was it saved for another architecture?"
+            f"training state {path} holds {len(values)} {what} variables, this model has {len(variables)}; "
+            "was it saved for another architecture?"
         )
     for var, value, name in zip(variables, values, names):
         if tuple(var.shape) != tuple(value.shape):
             raise ModelError(
-                f"training state {path}: optimizer variable {name} has shape {value.shape}, "
-                f"expected {tuple(var.shape)} ({var.path})"
+                f"training state {path}: {what} variable {name} has shape {value.shape}, expected "
+                f"{tuple(var.shape)} ({var.path})"
             )
-        if name.endswith("learning_rate"):
-            continue  # the learning rate of this run wins
-        var.assign(value)
+        if not skip(name):
+            var.assign(value)
+
+
+def restore_optimizer(optimizer, trainable_variables, values: list[np.ndarray], names: list[str], path: Path) -> None:
+    """Build ``optimizer`` for the model and assign the saved variables (checked by count and shape);
+    the learning rate of this run wins."""
+    optimizer.build(trainable_variables)
+    _assign(optimizer.variables, values, names, path, "optimizer", skip=lambda name: name.endswith("learning_rate"))
+
+
+def restore_model_state(model, path: Path) -> None:
+    """Assign the saved non-trainable variables: the dropout generators continue where they stopped."""
+    values, names = load_model_state(path)
+    _assign(model.non_trainable_variables, values, names, path, "model (generator state)")
+
+
+@dataclass(frozen=True)
+class CheckpointStatus:
+    """A checkpoint ``<name><epoch>.h5`` and whether it can be resumed (``problem`` None)."""
+
+    path: Path
+    epoch: int
+    info: dict | None = None
+    problem: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+
+def inspect_checkpoint(path: str | Path, epoch: int | None = None) -> CheckpointStatus:
+    """Whether ``path`` and its ``.state.npz`` form a complete checkpoint: both present, the state
+    of this version and recording exactly these weights (their SHA-256)."""
+    path = Path(path)
+    sidecar = state_path(path)
+    if not path.is_file():
+        return CheckpointStatus(path, epoch or 0, None, "its weights file is missing (a run killed while writing it)")
+    if not sidecar.is_file():
+        return CheckpointStatus(path, epoch or 0, None, "it has no training state beside it (a run killed while writing it?)")
+    try:
+        _, _, info = load_training_state(sidecar)
+    except ModelError as exc:
+        return CheckpointStatus(path, epoch or 0, None, str(exc))
+    epoch = int(info.get("epoch", epoch or 0))
+    if info.get("format") != STATE_FORMAT:
+        return CheckpointStatus(path, epoch, None, "its training state was written by an older version (no checksum of the weights)")
+    if info.get("weights_sha256") != file_sha256(path):
+        return CheckpointStatus(path, epoch, None, "its training state records other weights (a run killed between writing the two)")
+    return CheckpointStatus(path, epoch, info)
+
+
+def list_checkpoints(output_dir: str | Path, model_name: str) -> list[CheckpointStatus]:
+    """Every ``<model_name><epoch>.h5`` (or lone ``.state.npz``) in ``output_dir``, by epoch."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    pattern = re.compile(re.escape(model_name) + r"(\d+)\.(?:h5|state\.npz)$")
+    epochs = sorted({int(m.group(1)) for p in output_dir.iterdir() if (m := pattern.match(p.name))})
+    found = []
+    for epoch in epochs:
+        status = inspect_checkpoint(output_dir / f"{model_name}{epoch}.h5", epoch)
+        if status.info is not None and (status.info.get("model_name") != model_name or status.epoch != epoch):
+            continue  # another name's checkpoint ("m1" epoch 2 is "m12.h5", as "m" epoch 12)
+        found.append(status)
+    return found
 
 
 def latest_checkpoint(output_dir: str | Path, model_name: str) -> Path | None:
-    """The highest-numbered ``<model_name><epoch>.h5`` in ``output_dir``."""
-    pattern = re.compile(re.escape(model_name) + r"(\d+)\.h5$")
-    found = []
-    for p in Path(output_dir).glob(f"{model_name}*.h5"):
-        m = pattern.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    """The newest complete checkpoint ``<model_name><epoch>.h5`` in ``output_dir``."""
+    complete = [c for c in list_checkpoints(output_dir, model_name) if c.complete]
+    return complete[-1].path if complete else None
+
+
+def best_model_info(path: str | Path) -> dict | None:
+    """What ``<name>_best.h5`` records of its run (``run_id``, ``epoch``, ``value``, ``monitor``)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return json.loads(str(h5.attrs[BEST_ATTRIBUTE]))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def run_files(output_dir: str | Path, model_name: str) -> list[Path]:
+    """The files of a training run named ``model_name``: checkpoints, states, best model, log, split."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    pattern = re.compile(re.escape(model_name) + r"(?:\d+\.h5|\d+\.state\.npz|_best\.h5|\.log|_split\.json)$")
+    return sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
+
+
+def _some(paths: Sequence[Path], n: int = 4) -> str:
+    names = [p.name for p in paths]
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+@dataclass
+class RunStart:
+    """Where a training run starts: epoch, weights, resume state, best value so far."""
+
+    epoch: int = 0
+    checkpoint: Path | None = None  # resumed with its training state
+    weights: Path | None = None  # the weights it starts from (a checkpoint, or a model to fine-tune)
+    info: dict | None = None  # the checkpoint's run info
+    best_value: float = math.inf
+    best_epoch: int = 0
+    replace: list[Path] = field(default_factory=list)  # an earlier run's files, removed before training
+
+
+def plan_start(
+    output_dir: str | Path,
+    model_name: str,
+    resume: bool = False,
+    resume_from: str | Path | None = None,
+    overwrite: bool = False,
+) -> RunStart:
+    """Decide where a run starts, reading files only (nothing is written or imported).
+
+    * ``resume_from`` with a complete training state: that checkpoint, exactly.
+    * ``resume`` alone: the newest complete checkpoint of ``model_name`` in ``output_dir``
+      (incomplete newer ones are named and trained again); :class:`ModelError` when there is none.
+    * ``resume_from`` without a training state (e.g. the published model): its weights, a fresh
+      optimizer, epoch 0 (fine-tuning).
+    * Otherwise a new run.
+
+    A resumed run never overwrites what it does not continue: a later complete checkpoint of its
+    run, or another run's checkpoints or best model, are refused (:class:`OutputExistsError`); its
+    best value continues from what ``<name>_best.h5`` records.  A new run into ``output_dir``
+    where a run of ``model_name`` exists (checkpoints, best model, log) is refused unless
+    ``overwrite`` (which replaces that run's files).
+    """
+    output_dir = Path(output_dir)
+    statuses = list_checkpoints(output_dir, model_name)
+    complete = [c for c in statuses if c.complete]
+    newest = (
+        f"resuming without a checkpoint continues the newest complete one, {complete[-1].path.name}"
+        if complete
+        else f"no checkpoint of {model_name} there is complete"
+    )
+    if resume_from is None and resume:
+        if not complete:
+            found = "; ".join(f"{c.path.name}: {c.problem}" for c in statuses[-3:])
+            raise ModelError(
+                f"nothing to resume in {output_dir}: no complete checkpoint {model_name}<epoch>.h5 with its training "
+                f"state ({found or 'none there'}); start a new run, or give the checkpoint to resume"
+            )
+        resume_from = complete[-1].path
+        for c in statuses:
+            if c.epoch > complete[-1].epoch:
+                log.warning(
+                    "warning: %s is incomplete (%s): resuming from %s, so epoch %d is trained again",
+                    c.path.name, c.problem, resume_from.name, c.epoch,
+                )
+    existing = run_files(output_dir, model_name)
+    if resume_from is None:
+        weights = None
+    else:
+        resume_from = Path(resume_from)
+        if not resume_from.is_file():
+            raise ModelError(f"the checkpoint or model to start from, {resume_from}, does not exist")
+        if state_path(resume_from).is_file():
+            status = inspect_checkpoint(resume_from)
+            if not status.complete:
+                raise ModelError(f"{resume_from} cannot be resumed: {status.problem}; {newest}")
+            start = RunStart(status.epoch, resume_from, resume_from, status.info)
+            _check_resume_target(output_dir, model_name, start, complete)
+            return start
+        if resume_from.resolve().parent == output_dir.resolve() and re.fullmatch(
+            re.escape(model_name) + r"\d+\.h5", resume_from.name
+        ):
+            raise ModelError(
+                f"{resume_from} cannot be resumed: it has no training state beside it (a run killed while "
+                f"writing it?); {newest}"
+            )
+        log.info("fine-tuning the weights of %s: it has no training state beside it, so a fresh optimizer from epoch 1", resume_from)
+        weights = resume_from
+    trained = [p for p in existing if not p.name.endswith("_split.json")]  # a split alone holds no training
+    if trained and not overwrite:
+        raise OutputExistsError(
+            f"{output_dir} already holds a training run named {model_name} ({_some(trained)}): resume it, "
+            "replace it (overwrite), or choose another model name or output folder"
+        )
+    keep = weights.resolve() if weights is not None else None
+    return RunStart(weights=weights, replace=[p for p in existing if p.resolve() != keep])
+
+
+def _check_resume_target(output_dir: Path, model_name: str, start: RunStart, complete: list[CheckpointStatus]) -> None:
+    """Refuse a resume that would overwrite what it does not continue; set the best value so far."""
+    info = start.info or {}
+    run_id, epoch = info.get("run_id"), start.epoch
+    where = f"{output_dir} (model name {model_name})"
+    alternatives = "write to another output folder or model name"
+    others = [c.path.name for c in complete if c.info and c.info.get("run_id") != run_id]
+    if others:
+        raise OutputExistsError(f"{where} holds checkpoints of another run ({', '.join(others[:3])}): {alternatives}")
+    later = [c for c in complete if c.epoch > epoch]
+    if later:
+        raise OutputExistsError(
+            f"resuming {start.checkpoint} at epoch {epoch} would overwrite epochs {epoch + 1}-{later[-1].epoch} of this "
+            f"run in {where}: resume from {later[-1].path.name}, or {alternatives}"
+        )
+    best = output_dir / f"{model_name}_best.h5"
+    if best.exists():
+        recorded = best_model_info(best)
+        if recorded is None or recorded.get("run_id") != run_id:
+            raise OutputExistsError(f"{best} belongs to another run and would be overwritten: {alternatives}")
+        start.best_value, start.best_epoch = float(recorded["value"]), int(recorded["epoch"])
+    log_path = output_dir / f"{model_name}.log"
+    if log_path.is_file():
+        rows = read_log(log_path).get("epoch", [])
+        if len(rows) > epoch:  # epochs whose checkpoints are incomplete (later complete ones are refused above)
+            log.warning(
+                "warning: %s holds %d epochs, %s has %d: epochs %d-%d are trained again and their rows replaced",
+                log_path.name, len(rows), start.checkpoint.name if start.checkpoint else "the checkpoint", epoch,
+                epoch + 1, len(rows),
+            )
+
+
+def _remove_partials(output_dir: Path, model_name: str) -> None:
+    """Temporary files a killed run of this name left (``*.partial``)."""
+    pattern = re.compile(re.escape(model_name) + r"(?:\d+|_best)\.(?:h5|state\.npz)(?:\.partial)+$")
+    for p in output_dir.iterdir():
+        if pattern.match(p.name) or p.name in {f"{model_name}.log.partial", f"{model_name}_split.json.partial"}:
+            p.unlink(missing_ok=True)
+
+
+def _save_model(model, path: Path, unet_config: UNetConfig, attributes: dict | None = None) -> Path:
+    """The model in the legacy layout at ``<path>.partial`` (plus ``attributes``), flushed to disk."""
+    import h5py
+
+    from .unet import save_unet
+
+    tmp = path.with_name(path.name + ".partial")
+    save_unet(model, tmp, unet_config)
+    if attributes:
+        with h5py.File(tmp, "a") as h5:
+            for key, value in attributes.items():
+                h5.attrs[key] = json.dumps(value)
+    _fsync(tmp)
+    return tmp
+
+
+def commit_checkpoint(model, path: Path, unet_config: UNetConfig, info: dict, moment: str = "") -> None:
+    """Write ``<name><epoch>.h5`` and its ``.state.npz`` so that a kill at any moment leaves either
+    the complete pair or one that :func:`inspect_checkpoint` calls incomplete.
+
+    Weights go to a temporary file; the state, which records the weights' SHA-256, is renamed into
+    place; then the weights are: their rename commits the checkpoint.
+    """
+    tmp = _save_model(model, path, unet_config)
+    info = {**info, "weights_sha256": file_sha256(tmp)}
+    testhook.checkpoint(f"{moment}weights-written")
+    save_training_state(state_path(path), model.optimizer, info, model)
+    testhook.checkpoint(f"{moment}state-committed")
+    os.replace(tmp, path)
+    testhook.checkpoint(f"{moment}checkpoint-committed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,6 +744,18 @@ class TrainingConfig:
     steps_per_epoch: int | None = None
     model_name: str = "resumed"
     verbose: int = 2
+
+    def settings(self) -> dict:
+        """What makes a resumed run continue exactly as an uninterrupted one would have."""
+        return {
+            "batch_size": self.batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "object_class_weight": self.object_class_weight,
+            "dice_weight": self.dice_weight,
+            "learning_rate": self.learning_rate,
+            "input_shape": list(self.input_shape),
+            "augmentation": asdict(self.augmentation),
+        }
 
 
 @dataclass
@@ -474,17 +788,16 @@ class TrainingResult:
         )
 
 
-def _trim_log(path: Path, before_epoch: int) -> None:
-    """Drop CSV rows of epochs >= ``before_epoch`` (0-based), left by a run resumed from earlier."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < before_epoch]
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows(kept)
+def write_log(path: Path, rows: Sequence[dict]) -> None:
+    """The CSV training log (``epoch`` 0-based, then the metrics sorted, as Keras' CSVLogger), whole."""
+    keys = sorted({k for r in rows for k in r} - {"epoch"})
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", *keys])
+        for r in rows:
+            writer.writerow([int(r["epoch"]), *(r.get(k, "") for k in keys)])
+    os.replace(tmp, path)
 
 
 def read_log(path: str | Path) -> dict[str, list[float]]:
@@ -494,12 +807,19 @@ def read_log(path: str | Path) -> dict[str, list[float]]:
     return {k: [float(r[k]) for r in rows if r.get(k) not in (None, "")] for k in (rows[0].keys() if rows else [])}
 
 
+def _columns(rows: Sequence[dict]) -> dict[str, list[float]]:
+    keys = sorted({k for r in rows for k in r})
+    return {k: [float(r[k]) for r in rows if k in r] for k in keys}
+
+
 def plot_history(history: dict[str, list[float]], output_dir: str | Path) -> list[Path]:
     """``loss.png``, ``accuracy.png`` and ``iou.png`` (training and validation curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .training_data import save_figure
 
     output_dir = Path(output_dir)
     epochs = [e + 1 for e in history.get("epoch", [])]
@@ -517,8 +837,10 @@ def plot_history(history: dict[str, list[float]], output_dir: str | Path) -> lis
         ax.set_ylabel(label)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(output_dir / name, dpi=80)
-        plt.close(fig)
+        try:
+            save_figure(fig, output_dir / name)
+        finally:
+            plt.close(fig)
         written.append(output_dir / name)
     return written
 
@@ -530,6 +852,8 @@ def write_samples(loader: ExampleLoader, output_dir: Path, seed: int, n: int = 3
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .training_data import save_figure
+
     order, seeds = epoch_plan(len(loader), 1, seed, 0)
     for i in range(min(n, len(loader))):
         image, mask = loader.augmented(int(order[i]), int(seeds[i]))
@@ -539,8 +863,10 @@ def write_samples(loader: ExampleLoader, output_dir: Path, seed: int, n: int = 3
         axes[1].imshow(mask[:, :, mask.shape[2] // 2], vmin=0, vmax=1)
         axes[1].set_title("mask (model output area)")
         fig.tight_layout()
-        fig.savefig(output_dir / f"sample{i}.png", dpi=80)
-        plt.close(fig)
+        try:
+            save_figure(fig, output_dir / f"sample{i}.png")
+        finally:
+            plt.close(fig)
 
 
 def train(
@@ -551,150 +877,192 @@ def train(
     resume_from: str | Path | None = None,
     visualization_sample: bool = False,
     callbacks: Sequence[Any] = (),
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TrainingResult:
     """Train (or resume training) the U-Net on a prepared dataset; see the module docstring.
+
+    Everything is checked before anything is written (the dataset, the output folder, where the
+    run starts: :func:`plan_start`); TensorFlow is imported only then.
 
     Args:
         dataset_path: the HDF5 example library from :func:`~.training_data.prepare_dataset`.
         output_dir: checkpoints, log, split and plots (created).
         unet_config: architecture of a new model; ignored (with a warning when it differs) when
-            resuming, since the checkpoint's architecture wins.
+            starting from a checkpoint or model, whose architecture wins.
         config: the run's settings; ``config.epochs`` epochs are trained, numbered after the
             resumed checkpoint's epoch.
-        resume_from: a checkpoint to continue.  Its ``.state.npz`` sidecar restores the optimizer
-            state, epoch count, best value and seed; without one (e.g. the published model) the
-            weights are used with a fresh optimizer from epoch 0.
+        resume_from: a checkpoint to continue (its complete ``.state.npz`` restores optimizer,
+            generator states, epoch, best value, seed, split and history), or a model without
+            a state to fine-tune (a fresh optimizer from epoch 0).
+        resume: without ``resume_from``: continue the newest complete checkpoint in ``output_dir``.
+        overwrite: a new run may replace an earlier run of the same model name in ``output_dir``.
+        progress: called with (steps done, steps in this run) after every step.
 
     Returns:
         A :class:`TrainingResult`.
     """
-    import keras
-
-    from .unet import build_unet, load_unet, save_unet
-
     t0 = time.perf_counter()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     name = config.model_name
-    if not name or "/" in name:
-        raise DatasetError(f"model name {name!r} must be a non-empty file-name prefix")
+    if not name or "/" in name or name != name.strip():
+        raise ParameterError(f"model name {name!r} must be a non-empty file-name prefix")
     if config.epochs < 1 or config.batch_size < 1:
-        raise DatasetError(f"epochs ({config.epochs}) and batch size ({config.batch_size}) must be >= 1")
-
+        raise ParameterError(f"epochs ({config.epochs}) and batch size ({config.batch_size}) must be >= 1")
+    if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
+        raise ParameterError(f"steps per epoch {config.steps_per_epoch} must be >= 1")
+    check_output_dir(output_dir, "the training outputs")
     library = ExampleLibrary(dataset_path)
     if config.library_size is not None and tuple(config.library_size) != library.example_shape:
         raise DatasetError(
-            f"--library_size {format_xyz(config.library_size)} does not match the examples in "
+            f"library size {format_xyz(config.library_size)} does not match the examples in "
             f"{library.path}, which are {format_xyz(library.example_shape)}"
         )
-
-    # --- resume state ---
-    initial_epoch, best_value, best_epoch, state, seed = 0, math.inf, 0, None, config.seed
-    if resume_from is not None:
-        resume_from = Path(resume_from)
-        sidecar = state_path(resume_from)
-        if sidecar.is_file():
-            values, names, info = load_training_state(sidecar)
-            state = (values, names, sidecar)
-            initial_epoch = int(info["epoch"])
-            best_value = float(info.get("best_value", math.inf))
-            best_epoch = int(info.get("best_epoch", 0))
-            if seed is None:
-                seed = info.get("seed")
-            log.info("resuming from %s at epoch %d (optimizer state from %s)", resume_from, initial_epoch, sidecar)
-        else:
+    start = plan_start(output_dir, name, resume, resume_from, overwrite)
+    info = start.info
+    if info is not None:
+        seed = int(info["seed"])
+        if config.seed is not None and config.seed != seed:
+            log.warning("warning: seed %d ignored: the resumed run keeps its seed %d", config.seed, seed)
+        settings = json.loads(json.dumps(config.settings()))
+        changed = [k for k, v in settings.items() if info["settings"].get(k) != v]
+        if changed:
             log.warning(
-                "no training state %s next to %s: resuming its weights with a fresh optimizer from epoch 0",
-                sidecar, resume_from,
+                "warning: resumed with other settings than the run had (%s): the result differs from an "
+                "uninterrupted run", ", ".join(changed),
             )
-    seed = int(seed) if seed is not None else secrets.randbits(31)
-    keras.utils.set_random_seed(seed + initial_epoch)
-
-    # --- model ---
-    if resume_from is not None:
-        model, weights = load_unet(resume_from, input_shape=config.input_shape)
+    else:
+        seed = int(config.seed) if config.seed is not None else secrets.randbits(31)
+    if start.weights is not None:
+        weights = read_model_weights(start.weights)
         if weights.config != unet_config:
             log.warning(
-                "using the architecture of %s (%s), not the one given (%s)", resume_from, weights.config, unet_config
+                "warning: using the architecture of %s (%s), not the one given (%s)", start.weights, weights.config, unet_config
             )
         unet_config = weights.config
-    else:
-        model = build_unet(config.input_shape, unet_config)
     input_shape, output_shape = check_tile_shapes(config.input_shape, config.output_shape, unet_config.n_blocks)
-
-    # --- data ---
-    split_file = output_dir / f"{name}_split.json"
-    if resume_from is not None and split_file.is_file():
-        split = json.loads(split_file.read_text())
-        train_keys, val_keys = split["training"], split["validation"]
+    if info is not None:
+        train_keys, val_keys = list(info["training"]), list(info["validation"])
         missing = sorted(set(train_keys + val_keys) - set(library.keys))
         if missing:
-            raise DatasetError(f"{split_file} names examples not in {library.path}: {', '.join(missing[:5])}")
+            raise DatasetError(f"{start.checkpoint} was trained on examples not in {library.path}: {', '.join(missing[:5])}")
     else:
         train_keys, val_keys = split_keys(library.keys, config.test_fraction, seed)
-        split_file.write_text(json.dumps({"seed": seed, "training": train_keys, "validation": val_keys}, indent=1))
     train_loader = ExampleLoader(library, train_keys, input_shape, output_shape, config.augmentation)
     val_loader = ExampleLoader(library, val_keys, input_shape, output_shape) if val_keys else None
     steps = config.steps_per_epoch or math.ceil(len(train_keys) / config.batch_size)
-    train_ds = training_dataset(train_loader, config.batch_size, seed, initial_epoch, config.parallel_calls)
-    val_ds = validation_dataset(val_loader, config.batch_size, config.parallel_calls) if val_loader else None
+    monitor = "val_loss" if val_keys else "loss"
+    history: list[dict] = list(info["history"]) if info is not None else []
+    run_id = info["run_id"] if info is not None else secrets.token_hex(8)
+
+    # --- everything checked: write ---
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if start.replace:
+        log.info("replacing the earlier run %s in %s (%s)", name, output_dir, _some(start.replace))
+        for path in start.replace:
+            path.unlink(missing_ok=True)
+    _remove_partials(output_dir, name)
+    split_file = output_dir / f"{name}_split.json"
+    tmp = split_file.with_name(split_file.name + ".partial")
+    tmp.write_text(json.dumps({"seed": seed, "training": train_keys, "validation": val_keys}, indent=1))
+    os.replace(tmp, split_file)
     if visualization_sample:
         write_samples(train_loader, output_dir, seed)
 
-    # --- compile, restore optimizer ---
+    from .inference import import_tensorflow
+
+    import_tensorflow()  # quietly (TensorFlow's C++ start-up lines), before Keras imports it
+    import keras
+
+    from .unet import build_unet, load_unet
+
+    keras.utils.set_random_seed(seed + start.epoch)
+    if start.weights is not None:
+        model, _ = load_unet(start.weights, input_shape=input_shape)
+    else:
+        model = build_unet(input_shape, unet_config)
+    train_ds = training_dataset(train_loader, config.batch_size, seed, start.epoch, config.parallel_calls, steps_per_epoch=steps)
+    val_ds = validation_dataset(val_loader, config.batch_size, config.parallel_calls) if val_loader else None
     optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
     model.compile(
         optimizer=optimizer,
         loss=weighted_cce_dice_loss((1.0, config.object_class_weight), config.dice_weight),
         metrics=training_metrics(unet_config.n_classes),
     )
-    if state is not None:
-        restore_optimizer(optimizer, model.trainable_variables, *state)
+    if start.checkpoint is not None:
+        sidecar = state_path(start.checkpoint)
+        values, names, _ = load_training_state(sidecar)
+        restore_optimizer(optimizer, model.trainable_variables, values, names, sidecar)
+        restore_model_state(model, sidecar)
+        log.info("resuming from %s at epoch %d (optimizer and generator state from %s)", start.checkpoint, start.epoch, sidecar)
 
-    monitor = "val_loss" if val_ds is not None else "loss"
     log_path = output_dir / f"{name}.log"
-    if initial_epoch > 0:
-        _trim_log(log_path, initial_epoch)
-    else:
-        log_path.unlink(missing_ok=True)
-    info_base = {"seed": seed, "monitor": monitor, "unet_config": asdict(unet_config), "dataset": str(library.path)}
-    best = {"value": best_value, "epoch": best_epoch}
+    info_base = {
+        "format": STATE_FORMAT,
+        "model_name": name,
+        "run_id": run_id,
+        "seed": seed,
+        "monitor": monitor,
+        "unet_config": asdict(unet_config),
+        "dataset": str(library.path),
+        "settings": config.settings(),
+        "training": train_keys,
+        "validation": val_keys,
+    }
+    best = {"value": start.best_value, "epoch": start.best_epoch}
+    first_epoch = start.epoch
 
-    class Checkpoints(keras.callbacks.Callback):
+    class EpochCommit(keras.callbacks.Callback):
+        """Per epoch: the best model, the checkpoint with its state, the log and the curves."""
+
+        epoch = first_epoch
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            testhook.checkpoint(f"train:epoch{self.epoch + 1}:step{batch + 1}")
+            if progress is not None:
+                progress((self.epoch - first_epoch) * steps + batch + 1, config.epochs * steps)
+
         def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            n = epoch + 1
-            value = float(logs.get(monitor, math.nan))
+            n, moment = epoch + 1, f"train:epoch{epoch + 1}:"
+            history.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
+            value = history[-1].get(monitor, math.nan)
             if math.isfinite(value) and value < best["value"]:
                 best.update(value=value, epoch=n)
-                save_unet(self.model, output_dir / f"{name}_best.h5", unet_config)
-            path = output_dir / f"{name}{n}.h5"
-            save_unet(self.model, path, unet_config)
-            info = {**info_base, "epoch": n, "best_value": best["value"], "best_epoch": best["epoch"]}
-            save_training_state(state_path(path), self.model.optimizer, info)
+                path = output_dir / f"{name}_best.h5"
+                record = {"run_id": run_id, "epoch": n, "value": value, "monitor": monitor}
+                os.replace(_save_model(self.model, path, unet_config, {BEST_ATTRIBUTE: record}), path)
+                testhook.checkpoint(f"{moment}best-written")
+            info = {**info_base, "epoch": n, "best_value": best["value"], "best_epoch": best["epoch"], "history": history}
+            commit_checkpoint(self.model, output_dir / f"{name}{n}.h5", unet_config, info, moment)
+            write_log(log_path, history)
+            plot_history(_columns(history), output_dir)
+            testhook.checkpoint(f"{moment}epoch-end")
 
     log.info(
         "training %s: %d training / %d validation examples, %d steps per epoch, epochs %d-%d, seed %d",
-        name, len(train_keys), len(val_keys), steps, initial_epoch + 1, initial_epoch + config.epochs, seed,
+        name, len(train_keys), len(val_keys), steps, start.epoch + 1, start.epoch + config.epochs, seed,
     )
     model.fit(
         train_ds,
-        epochs=initial_epoch + config.epochs,
-        initial_epoch=initial_epoch,
+        epochs=start.epoch + config.epochs,
+        initial_epoch=start.epoch,
         steps_per_epoch=steps,
         validation_data=val_ds,
         verbose=config.verbose,
         shuffle=False,  # the dataset is shuffled (seeded) by epoch_plan
-        callbacks=[Checkpoints(), keras.callbacks.CSVLogger(str(log_path), append=initial_epoch > 0), *callbacks],
+        callbacks=[EpochCommit(), *callbacks],
     )
     library.close()
-    history = read_log(log_path)
-    plot_history(history, output_dir)
     return TrainingResult(
         output_dir=output_dir,
         model_name=name,
-        first_epoch=initial_epoch + 1,
-        last_epoch=initial_epoch + config.epochs,
+        first_epoch=start.epoch + 1,
+        last_epoch=start.epoch + config.epochs,
         n_train=len(train_keys),
         n_val=len(val_keys),
         monitor=monitor,
@@ -702,5 +1070,5 @@ def train(
         best_epoch=best["epoch"],
         seed=seed,
         seconds=time.perf_counter() - t0,
-        history=history,
+        history=_columns(history),
     )
