@@ -18,12 +18,12 @@ HELP = __doc__.strip().splitlines()[0]
 
 
 def evaluate_unet(
-    dataset: str = typer.Option(..., "--dataset", help="Evaluation dataset .h5 (from prepare_dataset.py; masks uncropped)."),
+    dataset: str = typer.Option(..., "--dataset-file", "--dataset", help="Evaluation dataset .h5 (from prepare_dataset.py; masks uncropped)."),
     model_path: str = typer.Option(..., "--model-path", "--model", "-m", help="Model .h5 (a checkpoint of train_unet.py or the published model)."),
     output_dir: str = typer.Option(..., "--output-dir", help="Reports and plots."),
     verbose: bool = typer.Option(False, "--verbose", help="Show progress and print the text report."),
     model_shape: Optional[str] = typer.Option(None, "--model_shape", "--model-shape", help="Model output x,y,z the masks are cropped to; checked against the model (default: derived)."),
-    model_input_shape: Optional[str] = typer.Option(None, "--model_input_shape", "--model-input-shape", help="Model input x,y,z (default: the example size)."),
+    model_input_shape: Optional[str] = typer.Option(None, "--tile-shape", "--model_input_shape", "--model-input-shape", help="Model input x,y,z (default: the example size)."),
     with_occlusions: bool = typer.Option(False, "--with-occlusions", help="Occlude the inputs with one zeroed cube each."),
     occlusion_size: int = typer.Option(40, "--occlusion-size", min=1, help="Edge of the occluding cube."),
     n_examples: int = typer.Option(40, "--n-examples", min=0, help="Examples drawn at random (seeded); 0 = all."),

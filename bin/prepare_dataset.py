@@ -20,7 +20,7 @@ HELP = __doc__.strip().splitlines()[0]
 
 
 def prepare_dataset(
-    dataset_dir: str = typer.Option(..., "--dataset-dir", "--dataset", help="Output HDF5 dataset file (appended to; created if missing), or a folder to hold training-dataset.h5."),
+    dataset_dir: str = typer.Option(..., "--dataset-file", "--dataset-dir", "--dataset", help="Output HDF5 dataset file (appended to; created if missing), or a folder to hold training-dataset.h5."),
     region_dir: Optional[str] = typer.Option(None, "--region-dir", help="Directory holding <R>/<R>.h5 (or <R>.h5) for each name in --regions."),
     regions: str = typer.Option("A1,A2,B1", "--regions", help="Comma-separated region names looked up in --region-dir."),
     region_file: Optional[List[str]] = typer.Option(None, "--region-file", help="A region HDF5 file (repeatable; named after the file stem). Used instead of --region-dir."),
@@ -32,7 +32,7 @@ def prepare_dataset(
     samples_per_region: int = typer.Option(50, "--samples-per-region", min=1, help="Examples drawn per region (capped at the candidate count)."),
     candidates: int = typer.Option(200, "--candidates", min=1, help="Tiles drawn uniformly per region before the weighted draw (all tiles if fewer)."),
     threshold: float = typer.Option(0.001, "--threshold", min=0.0, help="Foreground fraction above which a tile counts as 'high'."),
-    tile_input_shape: str = typer.Option("220,220,220", "--tile-input-shape", "--model_input_size", help="Stored example (model input) shape x,y,z."),
+    tile_input_shape: str = typer.Option("220,220,220", "--tile-shape", "--tile-input-shape", "--model_input_size", help="Stored example (model input) shape x,y,z."),
     tile_output_shape: str = typer.Option("132,132,132", "--tile-output-shape", "--model_output_size", help="Tile stride / model output shape x,y,z."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (a random one is chosen and printed if omitted)."),
     version: bool = VersionOption,

@@ -26,7 +26,7 @@ def scaling_factor(
     scaling_plots_dir: Optional[Path] = typer.Option(None, "--scaling_plots_dir", "--scaling-plots-dir", help="Write one fit plot per tile here."),
     start: Optional[str] = typer.Option(None, "--start", help="Region start x,y,z (default 0,0,0)."),
     end: Optional[str] = typer.Option(None, "--end", help="Region end x,y,z, exclusive (default: image shape)."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of the tile choice (reproducible runs)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of the tile choice (default: a fresh one, printed)."),
     version: bool = VersionOption,
 ) -> None:
     import time
@@ -44,6 +44,11 @@ def scaling_factor(
         volume.shape,
     )
     tiles = rectangular_tiles(region.start, region.end, parse_xyz(partition_size, "--partition_size", minimum=1))
+    if seed is None:  # a fresh one, printed, so this run can be repeated exactly with --seed
+        import secrets
+
+        seed = secrets.randbelow(2**31)
+        typer.echo(f"Random seed {seed} (repeat this choice of tiles with --seed {seed})")
     chosen = choose_tiles(len(tiles), n_tiles, percent_tiles, seed)
     typer.echo(f"Select {len(chosen)} random tiles out of {len(tiles)}")
     if not len(chosen):

@@ -18,7 +18,7 @@ HELP = __doc__.strip().splitlines()[0]
 
 
 def train_unet(
-    training_dataset: str = typer.Option(..., "--training-dataset", help="Dataset .h5 from prepare_dataset.py."),
+    training_dataset: str = typer.Option(..., "--dataset-file", "--training-dataset", help="Dataset .h5 from prepare_dataset.py."),
     output_dir: str = typer.Option(..., "--output-dir", help="Checkpoints, CSV log, split and plots."),
     model_name: str = typer.Option("resumed", "--model-name", help="Checkpoint prefix: <name><epoch>.h5, <name>_best.h5, <name>.log."),
     set_gpu_mem_growth: bool = typer.Option(False, "--set_gpu_mem_growth", "--set-gpu-mem-growth", help="Let TensorFlow grow GPU memory as needed."),
@@ -30,7 +30,7 @@ def train_unet(
     spatial_dropout: bool = typer.Option(False, "--spatial-dropout", help="SpatialDropout3D in the down blocks."),
     spatial_dropout_rate: float = typer.Option(0.2, "--spatial-dropout-rate", min=0.0, max=1.0, help="Its rate."),
     n_blocks: int = typer.Option(2, "--n-blocks", min=1, help="Down and up blocks."),
-    model_input_size: str = typer.Option("220,220,220", "--model_input_size", "--model-input-size", help="Network input x,y,z."),
+    model_input_size: str = typer.Option("220,220,220", "--tile-shape", "--model_input_size", "--model-input-size", help="Network input x,y,z."),
     model_output_size: str = typer.Option("132,132,132", "--model_output_size", "--model-output-size", help="Network output x,y,z (checked against the input)."),
     library_size: Optional[str] = typer.Option(None, "--library_size", "--library-size", help="Stored example size x,y,z (default: read from the dataset; checked if given)."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", min=0.0, max=0.99, help="Validation fraction: ceil(f*N) examples, at least one left for training."),

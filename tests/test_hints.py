@@ -70,3 +70,28 @@ def test_block_options_show_what_they_take():
     help_text = run_script("segment_volume.py", "--help").stdout
     assert "--start X,Y,Z" in help_text and "--blocks FILE" in help_text and "-s, --scaling FACTOR" in help_text
     assert "<list[str]>" not in help_text
+
+
+@pytest.mark.parametrize(
+    "script, names",
+    [
+        ("segment_volume.py", ["--tile-shape", "--model_input_shape", "-id, --input_data_set, --input-dataset"]),
+        ("plan_blocks.py", ["--tile-shape", "--model_input_shape"]),
+        ("prepare_dataset.py", ["--tile-shape", "--tile-input-shape", "--model_input_size", "--dataset-file", "--dataset-dir"]),
+        ("train_unet.py", ["--tile-shape", "--model_input_size", "--dataset-file", "--training-dataset"]),
+        ("evaluate_unet.py", ["--tile-shape", "--model_input_shape", "--dataset-file", "--dataset"]),
+        ("scaling_factor.py", ["-id, -d, --input-dataset", "--data_set"]),
+    ],
+)
+def test_one_name_per_thing_with_the_original_names_as_aliases(script, names):
+    help_text = run_script(script, "--help").stdout
+    for name in names:
+        assert name in help_text, (script, name)
+
+
+def test_a_sampling_stage_prints_the_seed_it_drew(small):
+    proc = run_script("scaling_factor.py", "-i", small, "-id", "/c1/s0", "-n", "1", "--partition_size", "32,32,32")
+    assert proc.returncode == 0, proc.stderr
+    seed = int(proc.stdout.split("Random seed ")[1].split()[0])
+    again = run_script("scaling_factor.py", "-i", small, "-id", "/c1/s0", "-n", "1", "--partition_size", "32,32,32", "--seed", str(seed))
+    assert proc.stdout.strip().splitlines()[-1] == again.stdout.strip().splitlines()[-1]
