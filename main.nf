@@ -7,6 +7,8 @@
  *   nextflow run main.nf -profile docker,gpu --neuron_stack_dir /data/sample.n5 \
  *       --neuron_input_dataset /c1/s0 --output_dir /data/sample-seg.n5 --neuron_model /models/neuron_2021.h5
  *
+ *   nextflow run main.nf -profile test,docker --plan_only            # the plan and its cost, nothing else
+ *
  *   nextflow run main.nf -profile test_training,docker              # synthetic regions, small model
  *   nextflow run main.nf -profile docker,gpu --workflow training \
  *       --training_regions '/data/regions/*.h5' --training_heldout_regions /data/heldout/H1.h5
@@ -19,6 +21,8 @@ include { validateParameters; paramsSummaryLog } from 'plugin/nf-schema'
 include { MAKE_TEST_VOLUME                     } from './modules/local/make_test_volume'
 include { MAKE_TRAINING_REGIONS                } from './modules/local/make_training_regions'
 include { neuron_segmentation                  } from './workflows/neuron_segmentation'
+include { hostComponentsInput; hostComponentsOptions } from './workflows/neuron_segmentation'
+include { CONNECTED_COMPONENTS                 } from './subworkflows/local/connected_components'
 include { UNET_TRAINING                        } from './subworkflows/local/unet_training'
 
 workflow {
@@ -54,6 +58,19 @@ workflow {
 
         neuron_segmentation.out.done.subscribe { in_n5, in_ds, out_n5, out_ds ->
             log.info("segmented ${in_n5}:${in_ds} -> ${out_n5}:${out_ds}")
+        }
+
+        //
+        // Connected components of each segmented volume (the host's with_connected_comps, default
+        // true, and its params): this project's block-wise stages stand in for the host's Spark step,
+        // into the same connected_dataset. With neuron_connected_comps (the switch a host user sets)
+        // the facade runs them itself, so they never run twice; plan_only runs nothing after the plan.
+        //
+        if (params.with_connected_comps && !params.neuron_connected_comps && !params.plan_only) {
+            CONNECTED_COMPONENTS(hostComponentsInput(neuron_segmentation.out.done), hostComponentsOptions())
+            CONNECTED_COMPONENTS.out.labels.subscribe { meta, _in_n5, _in_ds, labels_n5, labels_ds ->
+                log.info("connected components ${labels_n5}:${labels_ds}; object table in ${params.outdir}/components/${meta.id}")
+            }
         }
     }
     else if (params.workflow == 'training') {

@@ -1,5 +1,6 @@
-include { TIFF_TO_N5          } from '../modules/local/tiff_to_n5'
-include { NEURON_SEGMENTATION } from '../subworkflows/local/neuron_segmentation'
+include { TIFF_TO_N5           } from '../modules/local/tiff_to_n5'
+include { NEURON_SEGMENTATION  } from '../subworkflows/local/neuron_segmentation'
+include { CONNECTED_COMPONENTS } from '../subworkflows/local/connected_components'
 
 /*
  * Drop-in for the `neuron_segmentation` workflow of JaneliaSciComp/exllsm-circuit-reconstruction.
@@ -13,6 +14,12 @@ include { NEURON_SEGMENTATION } from '../subworkflows/local/neuron_segmentation'
  * that is not an N5 (or zarr) dataset is a TIFF series (a folder of slices, or one multi-page
  * TIFF), converted first into <out_dir><unsegmented_dataset>, as the host does; `done` then names
  * that dataset as the input.
+ *
+ * Connected components: the host's own `with_connected_comps` (default true there) means ITS Spark
+ * step, which runs after this workflow and refuses a connected_dataset that already exists. So this
+ * workflow never creates connected_dataset (default /connected/s0) unless `neuron_connected_comps`
+ * is true (default false): then it runs this project's block-wise components on each segmented
+ * volume, with the host's params, and the host's with_connected_comps must be false (docs/nextflow.md).
  */
 workflow neuron_segmentation {
 
@@ -56,6 +63,14 @@ workflow neuron_segmentation {
 
     done = NEURON_SEGMENTATION.out.segmented.map { meta, _in_n5, _in_ds, _out_n5, _out_ds -> meta.host }
 
+    //
+    // This project's connected components, only when neuron_connected_comps asks for them (see above);
+    // `done` does not wait for them
+    //
+    if (ourConnectedComponents()) {
+        CONNECTED_COMPONENTS(hostComponentsInput(done), hostComponentsOptions())
+    }
+
     emit:
     done  // channel: [ n5_in_dir, n5_in_dataset, out_dir, out_dataset ], one per volume
 }
@@ -81,19 +96,108 @@ def hostOptions() {
         skip_constant             : hostParam('skip_constant_tiles', true),
         segmentation_resources    : hostResources('neuron_segmentation_cpus', 4, 'neuron_segmentation_memory', '24 GB', hostContainer()),
         scaling_resources         : hostResources('neuron_scaling_cpus', 1, 'neuron_scaling_memory', '4 GB', hostContainer()),
+        // Off inside the host unless its params set quicklook: the host does not read conf/modules.config,
+        // which publishes the pictures (docs/nextflow.md). The picture stage's image is always the pinned one.
+        quicklook                 : hostParam('quicklook', false),
+        quicklook_resources       : [cpus: 2, memory: '4 GB', container: ''],
+        // The host's per-block post-processing (with_neuron_post_segmentation) unless post_processing_scope
+        // says 'global' (standalone runs: nextflow.config): then the blocks go to a raw sibling dataset and
+        // the whole volume is post-processed into the output dataset
+        post_processing           : hostParam('with_neuron_post_segmentation', false),
+        post_processing_scope     : hostParam('post_processing_scope', 'block'),
+        post_processing_dataset   : hostParam('post_processing_raw_dataset', ''),
+        high_threshold            : hostParam('neuron_seg_high_th', 0.98),
+        low_threshold             : hostParam('neuron_seg_low_th', 0.2),
+        small_region_probability_threshold : hostParam('neuron_seg_small_region_prob_th', 0.9),
+        small_region_size_threshold : hostParam('neuron_seg_small_region_size_th', 1000),
+        components_resources      : hostComponentsResources(),
+        // A pyramid of the probabilities (new; off unless asked), with the host's voxel size
+        pyramid                   : hostParam('segmentation_pyramid', false),
+        pyramid_resolution        : hostParam('resolution', '0.104,0.104,0.18'),
+        pyramid_max_levels        : hostParam('pyramid_max_levels', 10),
+        // The run plan: its cost is always reported; plan_only stops after it (new; off unless asked)
+        plan_only                 : hostParam('plan_only', false),
+        rate_mvox_s               : hostParam('plan_rate_mvox_s', ''),
         segmentation_args         : [
             "--model_input_shape ${hostParam('neuron_seg_model_in_dims', 'auto')}",
             "--model_output_shape ${hostParam('neuron_seg_model_out_dims', 'auto')}",
             "--unet_batch_size ${hostParam('neuron_seg_unet_batch_sz', 1)}",
             hostParam('use_gpu_mem_growth', true) ? '--set_gpu_mem_growth' : '',
             hostParam('neuron_mask_as_binary', false) ? '--as_binary_mask' : '',
-            hostParam('with_neuron_post_segmentation', false) ? '--with_post_processing' : '',
             "--high_threshold ${hostParam('neuron_seg_high_th', 0.98)}",
             "--low_threshold ${hostParam('neuron_seg_low_th', 0.2)}",
             "--small_region_probability_threshold ${hostParam('neuron_seg_small_region_prob_th', 0.9)}",
             "--small_region_size_threshold ${hostParam('neuron_seg_small_region_size_th', 1000)}",
         ].findAll { arg -> arg != '' }.join(' '),
     ]
+}
+
+// Whether this workflow runs this project's connected components: only with neuron_connected_comps
+// true. Never from the host's with_connected_comps, which means the host's own Spark step.
+def ourConnectedComponents() {
+    def text = "${hostParam('neuron_connected_comps', false)}".trim()
+    if (!['true', 'false'].contains(text)) {
+        error("neuron_connected_comps must be true or false, not '${text}'")
+    }
+    if (text == 'true' && "${hostParam('with_connected_comps', false)}" == 'true') {
+        log.warn("neuron_connected_comps and with_connected_comps are both true: inside the host pipeline, its Spark step (with_connected_comps) refuses the connected_dataset this project's components write: set with_connected_comps false there")
+    }
+    return text == 'true'
+}
+
+// CONNECTED_COMPONENTS's input from `done` tuples: [ meta, in_n5, in_ds, seg_n5, seg_ds, labels_n5,
+// labels_ds ] per segmented volume (hostComponentsVolume).
+def hostComponentsInput(ch_done) {
+    return ch_done
+        .map { request -> hostComponentsVolume(request) }
+        .map { v -> [v.meta, v.in_n5, v.in_ds, v.seg_n5, v.seg_ds, v.labels_n5, v.labels_ds] }
+}
+
+// The connected-components request of one segmented volume (a `done` tuple): the labels go to the
+// host's connected_dataset in the segmentation's container (where its Spark step writes them);
+// meta.id names the labels, as hostVolume names a segmentation.
+def hostComponentsVolume(List request) {
+    def labels = "${hostParam('connected_dataset', '/connected/s0')}"
+    def outDir = "${file(request[2])}"
+    def name = "${file(outDir).baseName}${labels}".replaceAll('[^A-Za-z0-9_.-]+', '_')
+    return [
+        meta      : [id: name],
+        in_n5     : "${file(request[0])}",
+        in_ds     : request[1],
+        seg_n5    : outDir,
+        seg_ds    : request[3],
+        labels_n5 : outDir,
+        labels_ds : labels,
+    ]
+}
+
+// The components' options from the host's params (same names and defaults as its Spark step).
+def hostComponentsOptions() {
+    def chunks = params['connected_comps_block_size']  // '' means the segmentation's chunks, as in the host
+    return [
+        threshold           : hostParam('connected_pixels_threshold', 0.8),
+        shape               : hostParam('connected_pixels_shape', 'box'),
+        min_size            : hostParam('min_connected_pixels', 2000),
+        chunks              : chunks == null ? '128,128,64' : "${chunks}",
+        compression         : hostParam('n5_compression', 'gzip'),
+        overwrite           : hostParam('overwrite_output', false),
+        partition_size      : hostParam('neuron_segmentation_partition_size', '') ?: hostParam('volume_partition_size', 512),
+        partial_volume      : hostParam('partial_volume', ''),
+        blocks_per_task     : hostParam('blocks_per_task', 4),
+        resources           : hostComponentsResources(),
+        merge_resources     : hostComponentsResources(),
+        quicklook           : hostParam('quicklook', false),
+        quicklook_resources : [cpus: 2, memory: '4 GB', container: ''],
+        pyramid             : hostParam('connected_comps_pyramid', false),
+        pyramid_resolution  : hostParam('resolution', '0.104,0.104,0.18'),
+        pyramid_max_levels  : hostParam('pyramid_max_levels', 10),
+    ]
+}
+
+// [cpus, memory, container] of the components' and global post-processing's tasks: memory for one
+// block (its values, foreground and labels), images pinned.
+def hostComponentsResources() {
+    return [cpus: 2, memory: '8 GB', container: '']
 }
 
 // The tissue mask 'container:dataset' with the container as an absolute path (the tasks run in

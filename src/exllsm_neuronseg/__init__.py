@@ -17,4 +17,4 @@ Modules:
 TensorFlow is imported only when a model is built.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

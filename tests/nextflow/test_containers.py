@@ -161,6 +161,12 @@ def test_dockerfiles_match_the_modules():
         "PREPARE_DATASET": image_of("train_unet"),
         "TRAIN_UNET": image_of("train_unet"),
         "EVALUATE_UNET": image_of("train_unet"),
+        "QUICKLOOK": image_of("scaling_factor"),
+        "LABEL_BLOCKS": image_of("scaling_factor"),
+        "MERGE_LABELS": image_of("scaling_factor"),
+        "WRITE_LABELS": image_of("scaling_factor"),
+        "BUILD_PYRAMID": image_of("create_volume"),
+        "TO_OME_ZARR": image_of("create_volume"),
     }
     conda_sets: dict[str, set[str]] = {}
     tf_pin = re.search(r'"tensorflow\[and-cuda\]==([\d.]+)\.\*"', (ROOT / "pyproject.toml").read_text()).group(1)
@@ -300,10 +306,10 @@ def test_stage_dependency_sets_install_alone(tmp_path):
         bins = dict(zip(STAGES, pool.map(lambda stage: _venv(stage, tmp_path), STAGES)))
 
     clis = {
-        "create_volume": ["create_volume.py", "make_test_volume.py", "plan_blocks.py", "tiff_to_n5.py"],
-        "scaling_factor": ["scaling_factor.py"],
+        "create_volume": ["create_volume.py", "make_test_volume.py", "plan_blocks.py", "tiff_to_n5.py", "build_pyramid.py", "to_ome_zarr.py"],
+        "scaling_factor": ["scaling_factor.py", "quicklook.py", "label_blocks.py", "merge_labels.py", "write_labels.py"],
         "segment_volume": ["segment_volume.py", "scaling_factor.py"],
-        "train_unet": ["make_training_regions.py", "prepare_dataset.py", "train_unet.py", "evaluate_unet.py"],
+        "train_unet": ["make_training_regions.py", "prepare_dataset.py", "train_unet.py", "evaluate_unet.py", "export_model.py"],
     }
     for stage, names in clis.items():
         assert sorted(p.name for p in bins[stage].glob("*.py")) == sorted(names + ["_cli.py"]), stage

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from nfscript import Groovy, Process, ext_args, modules, section_functions
-from nftools import FACADE, ROOT, SUBWORKFLOW, analysis_or_fail
+from nftools import COMPONENTS, FACADE, POST_PROCESSING, PYRAMID, ROOT, SUBWORKFLOW, UTILS, analysis_or_fail
 
 from exllsm_neuronseg.volume import open_volume
 
@@ -33,7 +33,10 @@ def analysis():
 
 MODEL = ROOT.parent / "shared" / "models" / "neuron_2021.h5"
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "src/exllsm_neuronseg/__init__.py").read_text()).group(1)
-FUNCTIONS = section_functions(FACADE) + "\n" + section_functions(SUBWORKFLOW)
+# The subworkflow's functions with the shared block helpers it includes (utils_blocks), and every
+# workflow file's functions together (their names are distinct, as the files include each other's).
+SUB_FUNCTIONS = section_functions(UTILS) + "\n" + section_functions(SUBWORKFLOW)
+FUNCTIONS = "\n".join(section_functions(f) for f in (UTILS, FACADE, SUBWORKFLOW, POST_PROCESSING, COMPONENTS, PYRAMID))
 
 # The test profile's params, scaled down (params names as in nextflow.config / conf/test.config).
 TEST_PARAMS = {
@@ -79,25 +82,56 @@ TEST_PARAMS = {
     "segmentation_precision": "fp32",
     "segmentation_mask": "",
     "skip_constant_tiles": True,
+    "quicklook": True,
+    "outdir": "results",
+    "post_processing_scope": "global",  # nextflow.config's: the standalone default
+    "post_processing_raw_dataset": "",
+    "with_connected_comps": True,
+    "neuron_connected_comps": False,
+    "connected_dataset": "/connected/s0",
+    "min_connected_pixels": 2000,
+    "connected_pixels_shape": "box",
+    "connected_pixels_threshold": 0.8,
+    "connected_comps_block_size": "128,128,64",
+    "connected_comps_pyramid": False,
+    "segmentation_pyramid": False,
+    "resolution": "0.104,0.104,0.18",
+    "pyramid_max_levels": 10,
+    "plan_only": False,
+    "plan_rate_mvox_s": None,
 }
 
 # Per input kind: the volume, its chunks and blocks, and how the blocks are cut into tasks.
 #  n5:   160x64x64 in 32x64x64 chunks and blocks: 5 blocks, 2 per task -> 3 tasks (2 + 2 + 1), and a
 #        tissue mask in a container of its own (bound like the N5 paths);
+#        Global post-processing: the blocks go to /segmented_raw/s0, then the hysteresis and size
+#        passes (3 label tasks each) and 3 write tasks into /segmented/s0. Connected components in
+#        32^3 label chunks: the segmentation's plan is on that grid, so it is the labels' plan too;
+#        a pyramid of the labels (3 levels, anisotropic voxel).
 #  tiff: converted into 32x64x64 chunks, 64^3 blocks clipped to the region (x < 80): 2 blocks, 1 per
-#        task -> 2 tasks (the old one-task-per-block layout), constant-tile skipping off.
+#        task -> 2 tasks (the old one-task-per-block layout), constant-tile skipping off. No
+#        post-processing. Connected components with the host's defaults (128,128,64 label chunks:
+#        the 64^3 plan is not on that grid, so the labels get their own plan, one block); a pyramid
+#        of the probabilities; a measured rate for the cost report.
 CASES = {
     "n5": {
         "test_volume_shape": "160,64,64",
         "test_volume_chunks": "32,64,64",
         "neuron_segmentation_partition_size": "32,64,64",
         "blocks_per_task": 2,
+        "with_neuron_post_segmentation": True,
+        "neuron_seg_small_region_size_th": 50,
+        "connected_comps_block_size": "32,32,32",
+        "min_connected_pixels": 50,
+        "connected_comps_pyramid": True,
     },
     "tiff": {
         "block_size": "32,64,64",
         "partial_volume": "0,0,0,80,64,64",
         "blocks_per_task": 1,
         "skip_constant_tiles": False,
+        "segmentation_pyramid": True,
+        "plan_rate_mvox_s": 120,
     },
 }
 
@@ -149,6 +183,12 @@ def check_outputs(runner: Runner, process: Process, work: Path, inputs: dict, na
     declared path to its rendered name or glob), eval runs; returns the values per emit name."""
     values = {}
     for out in process.outputs:
+        if out.optional and not any(
+            kind == "path" and (sorted(work.glob(names[name] if names else name)) or (work / (names[name] if names else name)).exists())
+            for kind, name in out.kinds
+        ):
+            values[out.emit] = None  # an optional output the task left out: Nextflow emits nothing
+            continue
         items = []
         for kind, name in out.kinds:
             if kind == "val":
@@ -212,6 +252,268 @@ def topological_levels(edges: set[tuple[str, str]], nodes: set[str]) -> list[set
     return levels
 
 
+def publish_path(name: str) -> str:
+    """The ``publishDir`` path of a process in conf/modules.config, as a Groovy GString to render with
+    ``params`` and the task's inputs (``meta``), as Nextflow renders a closure path."""
+    from test_training_run import publish_dirs
+
+    return '"' + publish_dirs()[name][0] + '"'
+
+
+def publish(root: Path, folder: str, files: list[Path]) -> list[Path]:
+    """Nextflow's publishDir (mode copy), emulated: the files copied into ``root/folder``."""
+    target = root / folder
+    target.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for f in files:
+        (target / f.name).write_bytes(f.read_bytes())
+        copies.append(target / f.name)
+    return copies
+
+
+class Stages:
+    """Renders and runs tasks of the modules as the DAG run does: inputs checked against the declared
+    outputs, bind mounts checked, tasks of one step in parallel (2 at a time)."""
+
+    def __init__(self, groovy: Groovy, runner: Runner, procs: dict, args: dict):
+        self.groovy, self.runner, self.procs, self.args = groovy, runner, procs, args
+
+    def task(self, name: str, cpus: int = 1) -> dict:
+        return {"ext": {"args": self.args.get(name, "")}, "cpus": cpus, "process": name, "attempt": 1}
+
+    def run(self, module: str, inputs: list[dict], name: str | None = None, cpus: int = 1, staged=None, mounts=None):
+        """Run one step (every task given): returns [(rendered, work, outputs per emit)] in task order."""
+        process = self.procs[module]
+        rendered = self.groovy.render_many(process, [(i, self.task(name or module, cpus)) for i in inputs])
+        for r, i in zip(rendered, inputs):
+            check_mounts(r, mounts(i) if mounts else [])
+        with ThreadPoolExecutor(2) as pool:
+            works = list(pool.map(lambda r: self.runner.run(process, r["script"], staged), rendered))
+        return [(r, w, check_outputs(self.runner, process, w, i)) for r, w, i in zip(rendered, works, inputs)]
+
+
+def released_once(outputs: list) -> dict:
+    """The per-volume barrier (``whenTasksDone``) on a step's outputs, in finishing order and reversed:
+    the volume is released exactly once, after its last task, with the task dropped from its meta."""
+    for order in (outputs, outputs[::-1]):
+        released = volume_barrier(order)
+        assert len(released) == 1 and released[0][0] == len(outputs), released
+    assert volume_barrier(outputs[:-1]) == []
+    return volume_barrier(outputs)[0][1]
+
+
+def run_global_post_processing(chain: Stages, opts: dict, meta: dict, out_n5: str, raw_ds: str, out_ds: str, plan: Path, blocks: list) -> np.ndarray:
+    """GLOBAL_POST_PROCESSING as its DAG orders it, with its own Groovy (options, flags, records
+    folders, tasks): create the output and the hysteresis pass's tasks; the hysteresis merge once
+    all of them are done; the size pass (restricted to the hysteresis objects); its merge; the
+    write tasks; the barrier. Returns the output dataset (x,y,z)."""
+    (g,) = chain.groovy.evaluate(
+        [
+            (
+                {"options": opts, "meta": meta, "n5": out_n5, "raw_ds": raw_ds, "out_ds": out_ds, "plan": plan.read_text()},
+                FUNCTIONS,
+                """
+                def o = postProcessingOptions(globalPostProcessingOptions(options))
+                def hyst = recordsFolder(n5, out_ds, 'hysteresis')
+                def size = recordsFolder(n5, out_ds, 'size')
+                def blocks = planLines(plan)
+                return [opts: o, create: outputArgs(o), hyst: hyst, size: size,
+                        hyst_label: hysteresisLabelArgs(o), hyst_merge: hysteresisMergeArgs(),
+                        size_label: sizeLabelArgs(o), size_merge: sizeMergeArgs(o),
+                        hyst_tasks: passTasks(meta, n5, raw_ds, hyst, '', blocks, o.blocks_per_task as int),
+                        size_tasks: passTasks(meta, n5, raw_ds, size, hyst, blocks, o.blocks_per_task as int),
+                        writes: blockTasks(blocks, o.blocks_per_task as int)]
+                """,
+            )
+        ]
+    )
+    o = g["opts"]
+    assert g["hyst_label"] == "--threshold 0.2 --seed-threshold 0.98 --connectivity 26"  # the original's 26-connectivity
+    assert g["size_label"] == "--threshold 0.9 --connectivity 26"
+    assert g["hyst_merge"] == "--min-size 0 --require-seed" and g["size_merge"] == "--min-size 50"
+    assert g["create"] == "--dtype float32 --compression gzip"
+    records = Path(out_n5) / ".exllsm-records" / out_ds.strip("/").replace("/", "_")
+    assert g["hyst"] == str(records / "hysteresis") and g["size"] == str(records / "size") and records.is_dir()
+    # the pass tasks are the segmentation's plan, blocks_per_task at a time
+    assert [b for task in g["hyst_tasks"] for b in task[5]] == [{"start": b["start"], "end": b["end"]} for b in blocks]
+    assert [task[4] for task in g["size_tasks"]] == [g["hyst"]] * len(g["size_tasks"])  # restricted to the first pass
+
+    def label_inputs(tasks, options):
+        return [
+            {"meta": m, "in_n5": n5, "in_ds": ds, "records": rec, "restrict": restrict, "blocks": bl, "options": options, "resources": o["resources"]}
+            for m, n5, ds, rec, restrict, bl in tasks
+        ]
+
+    def merge(records, options, name):
+        inputs = {"meta": meta, "in_n5": out_n5, "in_ds": raw_ds, "records": records, "plan": "blocks.txt", "options": options, "resources": o["merge_resources"]}
+        ((_r, work, outputs),) = chain.run("MERGE_LABELS", [inputs], name=name, staged={"blocks.txt": plan}, mounts=lambda i: [out_n5, records])
+        assert outputs["merged"] == [meta, out_n5, raw_ds, records]
+        return (work / "merge.log").read_text()
+
+    mounts = lambda i: [i["in_n5"], str(Path(i["records"]).parent)] + ([i["restrict"]] if i["restrict"] else [])  # noqa: E731
+    # CREATE_VOLUME and the hysteresis pass have no edge between them: the output is created beside it
+    create = {"meta": meta, "in_n5": out_n5, "in_ds": raw_ds, "out_n5": out_n5, "out_ds": out_ds, "options": g["create"]}
+    chain.run("CREATE_VOLUME", [create], mounts=lambda i: [out_n5])
+    hyst = chain.run("LABEL_BLOCKS", label_inputs(g["hyst_tasks"], g["hyst_label"]), name="HYSTERESIS_LABEL_BLOCKS", mounts=mounts)
+    assert released_once([out["blocks"] for _r, _w, out in hyst]) == meta
+    assert "without a seed voxel" in merge(g["hyst"], g["hyst_merge"], "HYSTERESIS_MERGE_LABELS")
+    size = chain.run("LABEL_BLOCKS", label_inputs(g["size_tasks"], g["size_label"]), name="SIZE_LABEL_BLOCKS", mounts=mounts)
+    assert all(f"--restrict {g['hyst']}" in r["script"] for r, _w, _o in size)
+    assert released_once([out["blocks"] for _r, _w, out in size]) == meta
+    assert "dropped as too small" in merge(g["size"], g["size_merge"], "SIZE_MERGE_LABELS")
+    writes = [
+        {
+            "meta": {**meta, "task": w["task"]}, "in_n5": out_n5, "in_ds": raw_ds, "out_n5": out_n5, "out_ds": out_ds,
+            "records": [g["hyst"], g["size"]], "blocks": w["blocks"], "options": "", "resources": o["resources"],
+        }
+        for w in g["writes"]
+    ]
+    written = chain.run("WRITE_LABELS", writes, mounts=lambda i: [out_n5] + i["records"])
+    assert all(f"--post-processing {g['hyst']} {g['size']}" in r["script"] for r, _w, _o in written)
+    assert released_once([out["blocks"] for _r, _w, out in written]) == meta
+    final = open_volume(out_n5, out_ds)
+    assert final.dtype == np.float32 and final.chunks == open_volume(out_n5, raw_ds).chunks
+    return final.read(final.box)
+
+
+def run_components(chain: Stages, params: dict, request: list, tmp_path: Path, seg_plan: list) -> dict:
+    """CONNECTED_COMPONENTS as main.nf runs it after the facade's `done` (with_connected_comps), with
+    its own Groovy: the labels dataset, its plan, label tasks, the merge after all of them, write
+    tasks, the barrier, the published object table and the labels' picture. The labels are checked
+    against the scripts run by hand on the whole volume as one block (README "Neurons as objects")."""
+    from test_training_run import publish_dirs
+
+    (c,) = chain.groovy.evaluate(
+        [
+            (
+                {"params": params, "request": request},
+                FUNCTIONS,
+                """
+                def v = hostComponentsVolume(request)
+                def o = componentsOptions(hostComponentsOptions())
+                return [volume: v, opts: o, create: labelsCreateArgs(o), plan: labelsPlanArgs(o), label: labelArgs(o),
+                        merge: labelsMergeArgs(o), pyramid: pyramidOptions(labelsPyramidOptions(o)),
+                        records: recordsFolder(v.labels_n5, v.labels_ds, 'components')]
+                """,
+            )
+        ]
+    )
+    v, o = c["volume"], c["opts"]
+    meta, seg_n5, seg_ds, labels_n5, labels_ds = v["meta"], v["seg_n5"], v["seg_ds"], v["labels_n5"], v["labels_ds"]
+    chunks = params["connected_comps_block_size"]
+    assert labels_ds == "/connected/s0" and labels_n5 == seg_n5 and meta == {"id": f"{Path(seg_n5).stem}_connected_s0"}
+    assert c["create"] == f"--dtype uint64 --chunks {chunks} --compression gzip"
+    assert c["label"] == f"--threshold 0.8 --connectivity {params['connected_pixels_shape']}"
+    assert c["merge"] == f"--min-size {params['min_connected_pixels']}"
+
+    # the labels dataset: uint64, the segmentation's dims, the label chunks
+    create = {"meta": meta, "in_n5": seg_n5, "in_ds": seg_ds, "out_n5": labels_n5, "out_ds": labels_ds, "options": c["create"]}
+    chain.run("CREATE_VOLUME", [create], mounts=lambda i: [seg_n5])
+    labels = open_volume(labels_n5, labels_ds)
+    seg = open_volume(seg_n5, seg_ds)
+    assert labels.dtype == np.uint64 and labels.shape == seg.shape and labels.chunks == tuple(int(x) for x in chunks.split(","))
+    # its plan, on the label chunk grid, with the segmentation's block edge and region
+    plan_inputs = {"meta": meta, "n5": labels_n5, "dataset": labels_ds, "options": c["plan"]}
+    ((_r, _w, planned),) = chain.run("PLAN_BLOCKS", [plan_inputs], name="PLAN_LABEL_BLOCKS", mounts=lambda i: [labels_n5])
+    plan = planned["plan"][1]
+    (blocks, groups) = chain.groovy.evaluate(
+        [
+            ({"text": plan.read_text()}, FUNCTIONS, "planLines(text)"),
+            ({"text": plan.read_text(), "n": o["blocks_per_task"]}, FUNCTIONS, "blockTasks(planLines(text), n)"),
+        ]
+    )
+    records = c["records"]
+    assert records == f"{labels_n5}/.exllsm-records/connected_s0/components"
+
+    label_inputs = [
+        {"meta": {**meta, "task": g["task"]}, "in_n5": seg_n5, "in_ds": seg_ds, "records": records, "restrict": "",
+         "blocks": g["blocks"], "options": c["label"], "resources": o["resources"]}
+        for g in groups
+    ]
+    labelled = chain.run("LABEL_BLOCKS", label_inputs, mounts=lambda i: [seg_n5, str(Path(records).parent)])
+    assert released_once([out["blocks"] for _r, _w, out in labelled]) == meta
+    merge = {"meta": meta, "in_n5": seg_n5, "in_ds": seg_ds, "records": records, "plan": "blocks.txt", "options": c["merge"],
+             "resources": o["merge_resources"]}
+    ((_r, merge_work, merged),) = chain.run("MERGE_LABELS", [merge], staged={"blocks.txt": plan}, mounts=lambda i: [seg_n5, records])
+    write_inputs = [
+        {"meta": {**meta, "task": g["task"]}, "in_n5": seg_n5, "in_ds": seg_ds, "out_n5": labels_n5, "out_ds": labels_ds,
+         "records": [records], "blocks": g["blocks"], "options": "", "resources": o["resources"]}
+        for g in groups
+    ]
+    written = chain.run("WRITE_LABELS", write_inputs, mounts=lambda i: [seg_n5, labels_n5, records])
+    assert all(f"--records {records}" in r["script"] for r, _w, _o in written)
+    assert released_once([out["blocks"] for _r, _w, out in written]) == meta
+    result = labels.read(labels.box)
+
+    # the scripts by hand, on the whole volume as one block: the same labels and the same object table
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    big = ",".join(str(s) for s in seg.shape)
+    commands = [
+        f"plan_blocks.py -i {seg_n5} -id {seg_ds} --partition_size {big} -o {direct}/one.txt --scaling_output {direct}/jobs.txt",
+        f"label_blocks.py -i {seg_n5} -id {seg_ds} --records {direct}/cc --blocks {direct}/one.txt {c['label']}",
+        f"merge_labels.py -i {seg_n5} -id {seg_ds} --records {direct}/cc --blocks {direct}/one.txt {c['merge']} --objects {direct}/objects.csv",
+        f"create_volume.py -i {seg_n5} -id {seg_ds} -o {direct}/labels.n5 -od /connected/s0 --dtype uint64 --chunks {chunks}",
+        f"write_labels.py -i {seg_n5} -id {seg_ds} --records {direct}/cc -o {direct}/labels.n5 -od /connected/s0 --blocks {direct}/one.txt",
+    ]
+    for command in commands:
+        proc = subprocess.run(["bash", "-c", command], env=chain.runner.env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{command}: {proc.stderr}"
+    by_hand = open_volume(direct / "labels.n5", "/connected/s0")
+    np.testing.assert_array_equal(result, by_hand.read(by_hand.box))
+    objects_csv, objects_json = merged["objects"][1], merged["objects"][2]
+    assert objects_csv.read_text() == (direct / "objects.csv").read_text()
+    table = json.loads(objects_json.read_text())
+    assert result.max() == len(table["objects"]) > 0  # ids 1..n, the kept objects
+    assert "kept" in (merge_work / "merge.log").read_text()
+
+    # the object table, published as conf/modules.config says
+    (folder,) = chain.groovy.evaluate([({"params": params, "meta": meta}, "", publish_path("MERGE_LABELS"))])
+    assert folder == f"{params['outdir']}/components/{meta['id']}" and publish_dirs()["MERGE_LABELS"][1] is None
+    published = publish(tmp_path, folder, [objects_csv, objects_json, merge_work / "merge.log"])
+    assert published[0].read_text().startswith("id,voxels,")
+
+    # the labels' picture: the input with one colour per object
+    look = {"meta": meta, "in_n5": request[0], "in_ds": request[1], "result_n5": labels_n5, "result_ds": labels_ds,
+            "kind": "labels", "resources": o["quicklook_resources"]}
+    ((_r, look_work, pictures),) = chain.run("QUICKLOOK", [look], cpus=2, mounts=lambda i: [i["in_n5"], labels_n5])
+    (picture,) = pictures["picture"][1]
+    assert picture.name == f"{meta['id']}.png" and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    publish(tmp_path, f"{params['outdir']}/quicklook", [picture])
+    return {"meta": meta, "blocks": blocks, "labels": result, "pyramid": c["pyramid"], "opts": o}
+
+
+def run_pyramid(chain: Stages, meta: dict, n5: str, dataset: str, pyramid_options: dict) -> int:
+    """PYRAMID as its DAG orders it: the 'create' task plans the levels; then level after level, each
+    level's tasks (its plan cut by blockTasks) run only once every task of the level before is done
+    (the per-dataset barrier). Returns the number of levels."""
+    (args,) = chain.groovy.evaluate([({"o": pyramid_options}, FUNCTIONS, "pyramidArgs(o)")])
+    assert f"--max-levels {pyramid_options['max_levels']}" in args and "--resolution 0.104,0.104,0.18" in args
+    create = {"meta": meta, "n5": n5, "dataset": dataset, "level": "create", "blocks": [], "options": args}
+    ((rendered, _w, created),) = chain.run("BUILD_PYRAMID", [create], mounts=lambda i: [n5])
+    assert "--create-only --plans-dir pyramid" in rendered["script"]
+    plan_files = created["plans"][1]
+    (levels,) = chain.groovy.evaluate([({"files": [str(f) for f in plan_files]}, FUNCTIONS, "levelPlans(files.collect { f -> file(f) })")])
+    assert sorted(int(k) for k in levels) == list(range(1, len(plan_files) + 1))
+    group = Path(n5) / dataset.strip("/").rpartition("/")[0]
+    for k in range(1, len(levels) + 1):
+        (tasks,) = chain.groovy.evaluate([({"plan": levels[str(k)], "n": pyramid_options["blocks_per_task"]}, FUNCTIONS, "blockTasks(plan, n)")])
+        inputs = [
+            {"meta": {**meta, "task": g["task"]}, "n5": n5, "dataset": dataset, "level": str(k), "blocks": g["blocks"], "options": args}
+            for g in tasks
+        ]
+        done = chain.run("BUILD_PYRAMID", inputs, name=f"BUILD_PYRAMID_S{k}", mounts=lambda i: [n5])
+        assert all(f"--level {k} " in r["script"] for r, _w, _o in done)
+        # level k+1 starts from the barrier's release, after the last task of level k
+        assert released_once([out["done"] for _r, _w, out in done]) == meta
+        level = json.loads((group / f"s{k}" / "attributes.json").read_text())
+        assert len(level["downsamplingFactors"]) == 3 and (group / f"s{k}" / ".exllsm-done").is_dir()
+    attrs = json.loads((group / "attributes.json").read_text())
+    assert attrs["multiScale"] is True and len(attrs["scales"]) == len(levels) + 1
+    assert not (group / f"s{len(levels) + 1}").exists()
+    return len(levels)
+
+
 @pytest.mark.parametrize("source", ["n5", "tiff"])
 def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     """The whole chain on an N5 input (5 blocks in tasks of 2: 3 tasks, the last one shorter), and on
@@ -219,6 +521,8 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     clipped to the region; one task per block)."""
     if not MODEL.is_file():
         pytest.fail(f"the published model is required at {MODEL}")
+    from test_training_run import publish_dirs
+
     procs = modules()
     args = ext_args()
     groovy = Groovy(tmp_path / "groovy")
@@ -239,19 +543,41 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
 
     # The DAG order, from the language server's previews of main.nf, the facade and the subworkflow
     main_dag, facade_dag, sub_dag = analysis.dags["main"], analysis.dags["facade"], analysis.dags["subworkflow"]
-    assert topological_levels(main_dag.edges, {"MAKE_TEST_VOLUME", "neuron_segmentation"}) == [
+    assert topological_levels(main_dag.edges, {"MAKE_TEST_VOLUME", "neuron_segmentation", "CONNECTED_COMPONENTS"}) == [
         {"MAKE_TEST_VOLUME"},
         {"neuron_segmentation"},
+        {"CONNECTED_COMPONENTS"},  # standalone: with_connected_comps, after the facade's `done`
     ]
-    assert topological_levels(facade_dag.edges, {"TIFF_TO_N5", "NEURON_SEGMENTATION"}) == [
+    assert topological_levels(facade_dag.edges, {"TIFF_TO_N5", "NEURON_SEGMENTATION", "done", "CONNECTED_COMPONENTS"}) == [
         {"TIFF_TO_N5"},
         {"NEURON_SEGMENTATION"},
+        {"done"},
+        {"CONNECTED_COMPONENTS"},  # only with neuron_connected_comps (never with the host's defaults)
     ]
-    stages = {"PLAN_BLOCKS", "SCALING_FACTOR", "CREATE_VOLUME", "SEGMENT_VOLUME"}
+    stages = {"PLAN_BLOCKS", "SCALING_FACTOR", "CREATE_VOLUME", "SEGMENT_VOLUME", "GLOBAL_POST_PROCESSING", "QUICKLOOK", "PYRAMID"}
     assert topological_levels(sub_dag.edges, stages) == [
         {"PLAN_BLOCKS", "CREATE_VOLUME"},
         {"SCALING_FACTOR"},
         {"SEGMENT_VOLUME"},
+        {"GLOBAL_POST_PROCESSING"},
+        {"QUICKLOOK", "PYRAMID"},
+    ]
+    post_stages = {"CREATE_VOLUME", "HYSTERESIS_LABEL_BLOCKS", "HYSTERESIS_MERGE_LABELS", "SIZE_LABEL_BLOCKS", "SIZE_MERGE_LABELS", "WRITE_LABELS"}
+    assert topological_levels(analysis.dags["post_processing"].edges, post_stages) == [
+        {"CREATE_VOLUME", "HYSTERESIS_LABEL_BLOCKS"},
+        {"HYSTERESIS_MERGE_LABELS"},
+        {"SIZE_LABEL_BLOCKS"},
+        {"SIZE_MERGE_LABELS"},
+        {"WRITE_LABELS"},
+    ]
+    cc_stages = {"CREATE_VOLUME", "PLAN_LABEL_BLOCKS", "LABEL_BLOCKS", "MERGE_LABELS", "WRITE_LABELS", "QUICKLOOK", "PYRAMID"}
+    assert topological_levels(analysis.dags["components"].edges, cc_stages) == [
+        {"CREATE_VOLUME"},
+        {"PLAN_LABEL_BLOCKS"},
+        {"LABEL_BLOCKS"},
+        {"MERGE_LABELS"},
+        {"WRITE_LABELS"},
+        {"QUICKLOOK", "PYRAMID"},
     ]
 
     def task(name: str, cpus: int = 1) -> dict:
@@ -303,9 +629,10 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     (sub,) = groovy.evaluate(
         [
             (
-                {"options": facade["options"]},
-                section_functions(SUBWORKFLOW),
-                "def o = segmentationOptions(options); [opts: o, plan: planArgs(o), create: createArgs(o), segment: segmentArgs(o)]",
+                {"options": facade["options"], "out_ds": params["neuron_output_dataset"], "params": params},
+                FUNCTIONS,
+                "def o = segmentationOptions(options); [opts: o, plan: planArgs(o), create: createArgs(o), segment: segmentArgs(o), "
+                "seg_ds: blocksDataset(o, out_ds), our_components: ourConnectedComponents()]",
             )
         ]
     )
@@ -318,6 +645,15 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     assert opts["mask"] == params["segmentation_mask"]
     assert opts["segmentation_args"].startswith("--model_input_shape 220,220,220 --model_output_shape 132,132,132")
     out_n5, out_ds = params["output_dir"], params["neuron_output_dataset"]
+    # the dataset the blocks write: the output, or with global post-processing its raw sibling
+    seg_ds = sub["seg_ds"]
+    if source == "n5":
+        assert opts["post_processing_mode"] == "global" and seg_ds == "/segmented_raw/s0"
+        assert "--with_post_processing" not in sub["segment"]  # the passes do it, over the whole volume
+    else:
+        assert opts["post_processing_mode"] == "none" and seg_ds == out_ds
+        assert sub["plan"].endswith("--rate-mvox-s 120")  # plan_rate_mvox_s, for the cost report
+    assert sub["our_components"] is False  # the facade creates no labels: main.nf runs them (below)
 
     # -- TIFF_TO_N5 (facade): the TIFF series becomes <output_dir>/raw/s0 -------------------------
     if source == "tiff":
@@ -353,26 +689,42 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     # -- PLAN_BLOCKS and CREATE_VOLUME ------------------------------------------------------------
     plan_proc, create = procs["PLAN_BLOCKS"], procs["CREATE_VOLUME"]
     plan_inputs = {"meta": meta, "n5": in_n5, "dataset": in_ds, "options": sub["plan"]}
-    create_inputs = {"meta": meta, "in_n5": in_n5, "in_ds": in_ds, "out_n5": out_n5, "out_ds": out_ds, "options": sub["create"]}
+    create_inputs = {"meta": meta, "in_n5": in_n5, "in_ds": in_ds, "out_n5": out_n5, "out_ds": seg_ds, "options": sub["create"]}
     (plan_rendered,) = groovy.render_many(plan_proc, [(plan_inputs, task(plan_proc.name))])
     (create_rendered,) = groovy.render_many(create, [(create_inputs, task(create.name))])
     check_mounts(plan_rendered, [in_n5])
     check_mounts(create_rendered, [in_n5, str(Path(out_n5).parent)])
     plan_work = runner.run(plan_proc, plan_rendered["script"])
     create_work = runner.run(create, create_rendered["script"])
-    planned = check_outputs(runner, plan_proc, plan_work, plan_inputs)["plan"]
+    plan_outputs = check_outputs(runner, plan_proc, plan_work, plan_inputs)
+    planned = plan_outputs["plan"]
+    # the run's cost (plan.json): logged in one line, and published as conf/modules.config says
+    report = plan_outputs["report"][1]
+    cost = json.loads(report.read_text())
+    n_blocks = 5 if source == "n5" else 2
+    assert cost["blocks"] == n_blocks and cost["rate_mvox_s"] == (120 if source == "tiff" else 4.7)
+    (summary, plan_dir) = groovy.evaluate(
+        [
+            ({"report": report.read_text(), "id": meta["id"]}, FUNCTIONS, "planSummary(id, report, false)"),
+            ({"params": params, "meta": meta}, "", publish_path("PLAN_BLOCKS")),
+        ]
+    )
+    assert summary.startswith(f"plan of {meta['id']}: {n_blocks} blocks, {cost['voxels_to_compute']} of ") and "per device" in summary
+    assert plan_dir == f"{params['outdir']}/plan/{meta['id']}" and publish_dirs()["PLAN_BLOCKS"][1] == "plan.json"
+    publish(tmp_path, plan_dir, [report])
+    assert json.loads((tmp_path / plan_dir / "plan.json").read_text()) == cost
     created = check_outputs(runner, create, create_work, create_inputs)["volume"]
     (lines,) = groovy.evaluate(
         [
             (
                 {"blocks": Path(planned[1]).read_text(), "jobs": Path(planned[2]).read_text()},
-                section_functions(SUBWORKFLOW),
+                SUB_FUNCTIONS,
                 "[planLines(blocks), planLines(jobs)]",
             )
         ]
     )
     blocks, jobs = lines
-    attrs = json.loads((Path(out_n5) / "segmented/s0/attributes.json").read_text())
+    attrs = json.loads((Path(out_n5) / seg_ds.strip("/") / "attributes.json").read_text())
     source_attrs = json.loads((Path(in_n5) / in_ds.strip("/") / "attributes.json").read_text())
     assert attrs["dimensions"] == source_attrs["dimensions"] and attrs["blockSize"] == source_attrs["blockSize"]
     assert attrs["dataType"] == "float32" and attrs["compression"]["type"] == "gzip"
@@ -423,7 +775,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     valid = [float(f) for f in factors if f not in ("null", "nan")]
     assert scaling and float(scaling) == pytest.approx(sum(valid) / len(valid))
     (groups,) = groovy.evaluate(
-        [({"blocks": blocks, "per_task": opts["blocks_per_task"]}, section_functions(SUBWORKFLOW), "blockTasks(blocks, per_task)")]
+        [({"blocks": blocks, "per_task": opts["blocks_per_task"]}, SUB_FUNCTIONS, "blockTasks(blocks, per_task)")]
     )
     if source == "n5":  # 5 blocks, 2 per task: 3 tasks, the last one shorter
         assert [g["task"] for g in groups] == [
@@ -444,7 +796,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
             "in_n5": in_n5,
             "in_ds": in_ds,
             "out_n5": out_n5,
-            "out_ds": out_ds,
+            "out_ds": seg_ds,
             "blocks": g["blocks"],
             "scaling": scaling,
             "model": MODEL.name,  # staged into the task directory, as a path input is
@@ -477,7 +829,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
 
     def marker(block: dict) -> Path:
         start, end = block["start"].replace(",", "_"), block["end"].replace(",", "_")
-        return Path(out_n5) / "segmented/s0/.exllsm-done" / f"{start}-{end}.json"
+        return Path(out_n5) / seg_ds.strip("/") / ".exllsm-done" / f"{start}-{end}.json"
 
     finished = []
     for work, inputs in zip(segment_works, task_inputs):
@@ -489,7 +841,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
             assert marker(b).is_file()
         if len(inputs["blocks"]) > 1:
             assert f"{len(inputs['blocks'])} blocks: {len(inputs['blocks'])} segmented, 0 already done" in out, out
-    output = open_volume(out_n5, "segmented/s0")
+    output = open_volume(out_n5, seg_ds)
     prob = output.read(output.box)
     assert prob.shape == tuple(int(v) for v in params["test_volume_shape"].split(",")) and np.isfinite(prob).all()
     assert 0 <= prob.min() and prob.max() <= 1 and prob.max() > 0.5
@@ -510,6 +862,76 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
         assert done == [[in_n5, "/c1/s0", out_n5, "/segmented/s0"]]
     # a volume of several tasks is not released before its last one
     assert volume_barrier(finished[:-1]) == []
+    chain = Stages(groovy, runner, procs, args)
+    segmented_meta = volume_barrier(finished)[0][1]
+
+    # -- GLOBAL_POST_PROCESSING (n5): hysteresis and size passes over the raw volume, then the write --
+    if opts["post_processing_mode"] == "global":
+        final = run_global_post_processing(chain, opts, segmented_meta, out_n5, seg_ds, out_ds, planned[1], blocks)
+        raw = open_volume(out_n5, seg_ds).read(open_volume(out_n5, seg_ds).box)
+        from exllsm_neuronseg.postprocess import post_process
+
+        expected = post_process(raw.copy(), 0.98, 0.2, 0.9, 50)  # the whole volume as one block
+        np.testing.assert_array_equal(final, expected)
+        assert (expected != raw).any() and expected.any()  # something removed, something kept
+        assert (Path(out_n5) / out_ds.strip("/") / "attributes.json").is_file()
+    # the facade's part (segmentation, post-processing) created no labels: the host's Spark step may run
+    assert not (Path(out_n5) / "connected").exists()
+
+    # -- QUICKLOOK: the released volume's picture, its input with the segmentation overlaid ----------
+    assert opts["quicklook"] is True  # params.quicklook, on in the test profile
+    look = procs["QUICKLOOK"]
+    look_inputs = {
+        "meta": segmented_meta,
+        "in_n5": in_n5,
+        "in_ds": in_ds,
+        "result_n5": out_n5,
+        "result_ds": out_ds,
+        "kind": "auto",
+        "resources": opts["quicklook_resources"],
+    }
+    (look_rendered,) = groovy.render_many(look, [(look_inputs, task(look.name, cpus=2))])
+    check_mounts(look_rendered, [in_n5, out_n5])
+    look_work = runner.run(look, look_rendered["script"])
+    (picture,) = check_outputs(runner, look, look_work, look_inputs)["picture"][1]
+    assert picture.name == f"{meta['id']}.png"
+    assert "as probability" in (look_work / ".command.out").read_text()
+    # published as conf/modules.config says (Nextflow's publishDir, emulated: a copy)
+    assert publish_dirs()["QUICKLOOK"] == ("${params.outdir}/quicklook", None)
+    (published,) = publish(tmp_path, f"{params['outdir']}/quicklook", [picture])
+    from PIL import Image
+
+    assert published.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(published) as image:
+        image.verify()
+    with Image.open(published) as image:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    assert max(rgb.shape[:2]) == 1024
+    assert ((rgb.max(axis=-1) - rgb.min(axis=-1)) > 100).sum() > 100  # the probability overlay shows
+
+    # -- CONNECTED_COMPONENTS (main.nf: with_connected_comps, after `done`), then the pyramids -------
+    main_text = (ROOT / "main.nf").read_text()
+    assert "if (params.with_connected_comps && !params.neuron_connected_comps && !params.plan_only) {" in main_text
+    assert params["with_connected_comps"] and not params["neuron_connected_comps"]
+    cc = run_components(chain, params, segmented_meta["host"], tmp_path, blocks)
+    if source == "n5":
+        # the segmentation's plan is on the 32^3 label grid: it is the labels' plan too
+        assert cc["blocks"] == blocks
+        levels = run_pyramid(chain, cc["meta"], out_n5, "/connected/s0", cc["pyramid"])
+        assert levels == 3  # 160x64x64 in 32^3 chunks, voxel 0.104x0.104x0.18: until a level fits one chunk
+        s0 = cc["labels"]
+        for k in range(1, levels + 1):  # labels are never averaged: every id of a level is one of s0
+            level = open_volume(out_n5, f"/connected/s{k}")
+            assert level.dtype == np.uint64 and set(np.unique(level.read(level.box))) <= set(np.unique(s0))
+    else:
+        # 64^3 blocks are not on the 128,128,64 label grid: the labels have their own plan (one block)
+        assert cc["blocks"] == [{"start": "0,0,0", "end": "80,64,64", "fraction": ""}] != blocks
+        (pyramid_options,) = groovy.evaluate([({"opts": opts}, FUNCTIONS, "pyramidOptions(segmentationPyramidOptions(opts))")])
+        assert opts["pyramid"] is True and pyramid_options["partition_size"] == 64
+        levels = run_pyramid(chain, segmented_meta, out_n5, out_ds, pyramid_options)
+        assert levels == 2
+        s1 = open_volume(out_n5, "/segmented/s1")
+        assert s1.dtype == np.float32 and s1.read(s1.box).max() == prob.max()  # max downsampling keeps the peaks
 
     # -- Re-runs: finished blocks are skipped; a task whose blocks lost a marker (killed) redoes them --
     rerun = runner.run(segment, segment_rendered[0]["script"], stage)
@@ -532,7 +954,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     proc = subprocess.run(["bash", "-ue", ".command.sh"], cwd=work, env=runner.env, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "already exists" in proc.stderr and "the pipeline param overwrite_output replaces it" in proc.stderr
-    assert open_volume(out_n5, "segmented/s0").dtype == np.float32  # untouched
+    assert open_volume(out_n5, seg_ds).dtype == np.float32  # untouched
 
     # -- Stubs run and declare the same outputs -------------------------------------------------
     stubs = [
@@ -541,6 +963,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
         (scaling_proc, scaling_rendered[0]),
         (create, create_rendered),
         (segment, segment_rendered[0]),
+        (look, look_rendered),
     ]
     if source == "tiff":
         stubs.append((convert, convert_rendered))
@@ -551,6 +974,8 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
             assert (work / "scaling.log").is_file()
         if process is plan_proc:
             assert (work / "blocks.txt").is_file() and (work / "scaling_jobs.txt").is_file()
+        if process is look:
+            assert (work / f"{meta['id']}.png").is_file()
 
 
 def test_facade_and_subworkflow_functions(tmp_path):
@@ -652,7 +1077,7 @@ def test_facade_and_subworkflow_functions(tmp_path):
     ]
     groovy = Groovy(tmp_path / "groovy")
     results = groovy.evaluate([(b, section_functions(FACADE), c) for b, c in jobs])
-    results += groovy.evaluate([(b, section_functions(SUBWORKFLOW), c) for b, c in sub])
+    results += groovy.evaluate([(b, SUB_FUNCTIONS, c) for b, c in sub])
     n5, zarr, tiffs, stack, fallback, root, missing, group, itself, raw_is_output = results[:10]
     defaults, custom, partition, original, tiff_default, tiff_custom = results[10:16]
     assert "is an N5 container or group, not a dataset" in group
@@ -749,7 +1174,7 @@ def test_blocks_per_task_and_model_options(tmp_path):
     ]
     groovy = Groovy(tmp_path / "groovy")
     results = groovy.evaluate([(b, section_functions(FACADE), c) for b, c in facade])
-    results += groovy.evaluate([(b, section_functions(SUBWORKFLOW), c) for b, c in sub])
+    results += groovy.evaluate([(b, SUB_FUNCTIONS, c) for b, c in sub])
     defaults, custom, masks, no_dataset, empty_dataset = results[:5]
     sub_defaults, sub_custom, zero, words, fp8, bad_mask, cuts, nothing = results[5:]
 
@@ -785,3 +1210,194 @@ def test_blocks_per_task_and_model_options(tmp_path):
     assert all(t["task"]["volume_blocks"] == 5 for t in per2 + per1 + per5)
     assert per2[0]["blocks"] == [{"start": "0,0,0", "end": "1,1,1"}, {"start": "1,0,0", "end": "2,1,1"}]  # no fraction
     assert nothing == []
+
+
+def workflow_calls(text: str) -> list[tuple[str, int]]:
+    """The process and workflow calls in a workflow body (``NAME(`` at a statement's start), with
+    their offsets."""
+    return [(m.group(1), m.start()) for m in re.finditer(r"^\s+([A-Z][A-Z0-9_]+)\(", text, re.MULTILINE)]
+
+
+def block_span(text: str, opening: str) -> tuple[int, int]:
+    """The span of the block that starts at ``opening`` (which ends with '{'), to its closing brace."""
+    start = text.index(opening) + len(opening)
+    depth, i = 1, start
+    while depth:
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    return start, i
+
+
+def test_plan_only_stops_after_the_plan(tmp_path):
+    """plan_only: PLAN_BLOCKS runs with --plan-only (the cost printed in its log and written to
+    plan.json, logged as one line), and every later step of the subworkflow, and the standalone
+    connected components, are inside the blocks plan_only leaves out."""
+    groovy = Groovy(tmp_path / "groovy")
+    (options,) = groovy.evaluate([({"params": {"plan_only": True, "plan_rate_mvox_s": 50}}, section_functions(FACADE), "hostOptions()")])
+    (sub,) = groovy.evaluate([({"options": options}, SUB_FUNCTIONS, "def o = segmentationOptions(options); [o.plan_only, planArgs(o)]")])
+    assert sub[0] is True and sub[1].endswith("--rate-mvox-s 50 --plan-only")
+
+    # every step after the plan is inside `if (!opts.plan_only) { ... }`
+    text = SUBWORKFLOW.read_text()
+    body = text[text.index("workflow NEURON_SEGMENTATION {") : text.index("    emit:\n    segmented")]
+    start, end = block_span(body, "    // plan_only: a dry run, every step after the plan is left out\n    if (!opts.plan_only) {")
+    calls = workflow_calls(body)
+    assert {name for name, _ in calls} == {
+        "PLAN_BLOCKS", "SCALING_FACTOR", "CREATE_VOLUME", "SEGMENT_VOLUME", "GLOBAL_POST_PROCESSING", "QUICKLOOK", "PYRAMID",
+    }
+    assert [name for name, at in calls if not start <= at < end] == ["PLAN_BLOCKS"]
+    main_text = (ROOT / "main.nf").read_text()
+    start, end = block_span(main_text, "if (params.with_connected_comps && !params.neuron_connected_comps && !params.plan_only) {")
+    assert [name for name, at in workflow_calls(main_text) if name == "CONNECTED_COMPONENTS" and start <= at < end] == ["CONNECTED_COMPONENTS"]
+
+    # the plan itself: printed, written, logged
+    procs = modules()
+    runner = Runner(tmp_path / "work")
+    n5 = tmp_path / "in.n5"
+    subprocess.run(
+        ["bash", "-c", f"make_test_volume.py -o {n5} --shape 96,64,64 --chunks 32,64,64"], env=runner.env, check=True, capture_output=True
+    )
+    plan = procs["PLAN_BLOCKS"]
+    inputs = {"meta": {"id": "in_s0"}, "n5": str(n5), "dataset": "/c1/s0", "options": sub[1]}
+    (rendered,) = groovy.render_many(plan, [(inputs, {"ext": {"args": ""}, "cpus": 1, "process": plan.name, "attempt": 1})])
+    work = runner.run(plan, rendered["script"])
+    outputs = check_outputs(runner, plan, work, inputs)
+    log = (work / ".command.out").read_text()
+    assert "voxels to compute: 393,216" in log and "at 50 Mvox/s" in log
+    cost = json.loads(outputs["report"][1].read_text())
+    assert cost["blocks"] == 1 and cost["rate_mvox_s"] == 50
+    (summary,) = groovy.evaluate([({"report": outputs["report"][1].read_text()}, FUNCTIONS, "planSummary('in_s0', report, true)")])
+    assert summary.startswith("plan of in_s0: 1 blocks, 393216 of 393216 voxels to compute") and summary.endswith(
+        "plan_only: nothing runs after the plan"
+    )
+
+
+def test_host_facade_leaves_connected_components_to_the_host(tmp_path):
+    """With the host's own params (with_connected_comps true: its Spark step, which refuses an existing
+    /connected/s0), the facade creates no labels dataset and changes nothing of the host's
+    segmentation (per-block post-processing, no pyramid, no plan_only); only neuron_connected_comps
+    runs this project's components, with the host's connected-components params."""
+    from test_language_server import HOST_DEFAULTS
+
+    host = dict(HOST_DEFAULTS)
+    assert host["with_connected_comps"] is True and host["connected_dataset"] == "/connected/s0"
+    groovy = Groovy(tmp_path / "groovy")
+
+    def refused(call: str) -> str:
+        return f"try {{ {call}; return 'accepted' }} catch (IllegalStateException e) {{ return e.message }}"
+
+    jobs = [
+        ({"params": host}, "ourConnectedComponents()"),
+        ({"params": {**host, "neuron_connected_comps": True, "with_connected_comps": False}}, "ourConnectedComponents()"),
+        ({"params": {**host, "neuron_connected_comps": "yes"}}, refused("ourConnectedComponents()")),
+        ({"params": host}, "def o = segmentationOptions(hostOptions()); [o, segmentArgs(o), blocksDataset(o, '/s0')]"),
+        (
+            {"params": {**host, "with_neuron_post_segmentation": True}},
+            "def o = segmentationOptions(hostOptions()); [o.post_processing_mode, segmentArgs(o), blocksDataset(o, '/s0')]",
+        ),
+        ({"params": host}, "def o = componentsOptions(hostComponentsOptions()); [o, labelsCreateArgs(o), labelArgs(o), labelsMergeArgs(o)]"),
+        ({"params": {**host, "connected_comps_block_size": ""}}, "labelsCreateArgs(componentsOptions(hostComponentsOptions()))"),
+        ({"params": host}, "hostComponentsVolume(['/data/in.n5', '/c1/s0', '/data/out.n5', '/s0'])"),
+    ]
+    off, on, bad, default, per_block, components, no_chunks, volume = groovy.evaluate([(b, FUNCTIONS, c) for b, c in jobs])
+    assert off is False and on is True and "neuron_connected_comps must be true or false" in bad
+    opts, segment_args, dataset = default
+    assert "connected" not in json.dumps(opts)  # nothing of the segmentation names a labels dataset
+    assert opts["post_processing_scope"] == "block" and opts["post_processing_mode"] == "none" and dataset == "/s0"
+    assert opts["pyramid"] is False and opts["plan_only"] is False and opts["quicklook"] is False
+    assert "--with_post_processing" not in segment_args
+    # the host's legacy per-block post-processing is unchanged: the blocks write the output themselves
+    assert per_block == ["block", per_block[1], "/s0"] and "--with_post_processing" in per_block[1]
+    # our components, when switched on, use the host's params and names
+    copts, create, label, merge = components
+    assert (copts["threshold"], copts["shape"], copts["min_size"], copts["chunks"]) == ("0.8", "box", 2000, "128,128,64")
+    assert copts["pyramid"] is False and copts["pyramid_resolution"] == "0.104,0.104,0.18"
+    assert create == "--dtype uint64 --chunks 128,128,64 --compression gzip"
+    assert label == "--threshold 0.8 --connectivity box" and merge == "--min-size 2000"
+    assert no_chunks == "--dtype uint64 --compression gzip"  # '' = the segmentation's chunks, as the host's -b
+    assert volume == {
+        "meta": {"id": "out_connected_s0"},
+        "in_n5": "/data/in.n5", "in_ds": "/c1/s0", "seg_n5": "/data/out.n5", "seg_ds": "/s0",
+        "labels_n5": "/data/out.n5", "labels_ds": "/connected/s0",
+    }
+    # the facade's only components call is behind that switch; `done` does not wait for it
+    text = FACADE.read_text()
+    start, end = block_span(text, "if (ourConnectedComponents()) {")
+    assert [at for name, at in workflow_calls(text) if name == "CONNECTED_COMPONENTS"] and all(
+        start <= at < end for name, at in workflow_calls(text) if name == "CONNECTED_COMPONENTS"
+    )
+    assert text.index("done = NEURON_SEGMENTATION.out.segmented") < start
+
+
+def test_post_processing_components_and_pyramid_options(tmp_path):
+    """The new options: the raw dataset of global post-processing, refusals naming the param, a
+    binary mask post-processed per block, the pyramid's level bound, and defaults equal to
+    nextflow.config's for standalone runs."""
+    from test_language_server import config_params
+
+    def refused(call: str) -> str:
+        return f"try {{ {call}; return 'accepted' }} catch (IllegalStateException e) {{ return e.message }}"
+
+    global_pp = "[post_processing: true, post_processing_scope: 'global']"
+    jobs = [
+        ({}, "['/segmented/s0', '/s0', 'a/b/c/s0', '/seg/'].collect { d -> rawDataset(d) }"),
+        ({}, f"def o = segmentationOptions({global_pp}); [o.post_processing_mode, blocksDataset(o, '/segmented/s0'), segmentArgs(o)]"),
+        ({}, f"blocksDataset(segmentationOptions({global_pp} + [post_processing_dataset: '/raw_prob/s0']), '/s0')"),
+        ({}, refused(f"blocksDataset(segmentationOptions({global_pp} + [post_processing_dataset: 's0/']), '/s0')")),
+        ({}, refused("segmentationOptions([post_processing_scope: 'volume'])")),
+        ({}, refused("segmentationOptions([pyramid: 'yes'])")),
+        ({}, f"def o = segmentationOptions({global_pp} + [binary: true]); [o.post_processing_mode, segmentArgs(o)]"),
+        ({}, "def o = postProcessingOptions(globalPostProcessingOptions(segmentationOptions([small_region_size_threshold: '50']))); [o.small_region_size_threshold, sizeMergeArgs(o)]"),
+        ({}, refused("postProcessingOptions([small_region_size_threshold: 2.5])")),
+        ({}, refused("pyramidOptions([max_levels: 0])")),
+        ({}, refused("pyramidOptions([max_levels: maxPyramidLevels() + 1])")),
+        ({}, "pyramidArgs(pyramidOptions([method: 'mean', resolution: '1, 1, 2', overwrite: true]))"),
+        ({}, refused("componentsOptions([shape: 'sphere'])")),
+        ({}, refused("componentsOptions([min_size: -1])")),
+        ({}, refused("componentsOptions([threshold: 'high'])")),
+        ({}, "labelsPlanArgs(componentsOptions([partition_size: 512, partial_volume: '0,0,0,100,100,100']))"),
+        ({"params": config_params()}, "[hostOptions().post_processing_scope, hostOptions().pyramid_max_levels, hostComponentsOptions().chunks]"),
+    ]
+    groovy = Groovy(tmp_path / "groovy")
+    results = groovy.evaluate([(b, FUNCTIONS, c) for b, c in jobs])
+    raw, global_mode, named, itself, scope, pyramid, binary, size, fraction, zero, many, args, shape, negative, threshold, plan, config = results
+    assert raw == ["/segmented_raw/s0", "/s0_raw", "/a/b/c_raw/s0", "/seg_raw"]
+    assert global_mode[:2] == ["global", "/segmented_raw/s0"] and "--with_post_processing" not in global_mode[2]
+    assert named == "/raw_prob/s0"
+    assert "is the output dataset itself" in itself and "post_processing_raw_dataset" in itself
+    assert "post_processing_scope must be 'block' or 'global'" in scope
+    assert "segmentation_pyramid must be true or false" in pyramid
+    assert binary[0] == "block" and "--with_post_processing" in binary[1]  # write_labels.py writes float32 only
+    assert size == [50, "--min-size 50"]
+    assert "neuron_seg_small_region_size_th" in fraction
+    assert "pyramid_max_levels must be a whole number from 1 to 10" in zero and "from 1 to 10" in many
+    assert args == "--method mean --resolution 1,1,2 --max-levels 10 --partition-size 512 --overwrite"
+    assert "connected_pixels_shape" in shape and "min_connected_pixels" in negative and "connected_pixels_threshold" in threshold
+    assert plan == "--partition_size 512 --partial_volume 0,0,0,100,100,100"
+    # standalone (nextflow.config): global post-processing; the host facade's own default is 'block'
+    assert config == ["global", 10, "128,128,64"]
+
+
+def test_component_and_pyramid_stubs(tmp_path):
+    """The stubs of the stages wired here run and leave the outputs they declare (a -stub run goes
+    through the components and a pyramid level)."""
+    procs = modules()
+    groovy = Groovy(tmp_path / "groovy")
+    runner = Runner(tmp_path / "work")
+    meta = {"id": "v", "task": {"index": 0, "count": 1, "range": "0", "volume_blocks": 1}}
+    block = [{"start": "0,0,0", "end": "1,1,1"}]
+    res = {"cpus": 1, "memory": "1 GB", "container": ""}
+    cases = [
+        ("LABEL_BLOCKS", {"meta": meta, "in_n5": "/d/s.n5", "in_ds": "/s0", "records": "/d/s.n5/r/p", "restrict": "", "blocks": block, "options": "", "resources": res}),
+        ("MERGE_LABELS", {"meta": meta, "in_n5": "/d/s.n5", "in_ds": "/s0", "records": "/d/r", "plan": "blocks.txt", "options": "", "resources": res}),
+        ("WRITE_LABELS", {"meta": meta, "in_n5": "/d/s.n5", "in_ds": "/s0", "out_n5": "/d/s.n5", "out_ds": "/c/s0", "records": ["/d/r"], "blocks": block, "options": "", "resources": res}),
+        ("BUILD_PYRAMID", {"meta": meta, "n5": "/d/s.n5", "dataset": "/c/s0", "level": "create", "blocks": [], "options": ""}),
+        ("BUILD_PYRAMID", {"meta": meta, "n5": "/d/s.n5", "dataset": "/c/s0", "level": "1", "blocks": block, "options": ""}),
+    ]
+    for name, inputs in cases:
+        process = procs[name]
+        (rendered,) = groovy.render_many(process, [(inputs, {"ext": {"args": ""}, "cpus": 1, "process": name, "attempt": 1})])
+        work = runner.run(process, rendered["stub"])
+        outputs = check_outputs(runner, process, work, inputs)
+        if name == "BUILD_PYRAMID":
+            assert (outputs["plans"] is not None) == (inputs["level"] == "create")

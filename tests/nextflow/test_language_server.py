@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from nfscript import modules, parse_module
-from nftools import FACADE, ROOT, SUBWORKFLOW, TRAINING_SUBWORKFLOW, analysis_or_fail
+from nftools import COMPONENTS, FACADE, POST_PROCESSING, PYRAMID, ROOT, SUBWORKFLOW, TRAINING_SUBWORKFLOW, analysis_or_fail
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,15 @@ HOST_DEFAULTS = {
     "neuron_scaling_memory": "1 G",
     "tiff2n5_cpus": 24,
     "tiff2n5_memory": "126 G",
+    # connected components (the host's Spark step; here this project's stages, see the facade)
+    "with_connected_comps": True,
+    "connected_dataset": "/connected/s0",
+    "min_connected_pixels": 2000,
+    "connected_pixels_shape": "box",
+    "connected_pixels_threshold": 0.8,
+    "connected_comps_block_size": "128,128,64",
+    "connected_comps_pyramid": False,
+    "resolution": "0.104,0.104,0.18",
 }
 MODEL_URL = "https://github.com/JaneliaSciComp/exllsm-neuron-segmentation/raw/master/neuron_2021.h5"
 
@@ -88,7 +97,7 @@ def test_every_file_is_clean(analysis):
     assert {"main.nf", "nextflow.config", "workflows/neuron_segmentation.nf"} <= names
     assert {"conf/base.config", "conf/modules.config", "conf/test.config", "conf/gpu.config"} <= names
     assert {"conf/test_training.config", "subworkflows/local/unet_training/main.nf"} <= names
-    assert len([n for n in names if n.startswith("modules/local/")]) == 10
+    assert len([n for n in names if n.startswith("modules/local/")]) == len(list((ROOT / "modules" / "local").glob("*/main.nf")))
     # One deliberate exception: the modules that take the host's resource params as a value need a
     # closure for their cpus/memory directives under the v1 parser the host runs (25.04-25.10 by
     # default); the strict parser only notes that it no longer needs one.
@@ -115,6 +124,10 @@ def test_main_dag(analysis):
         assert (param, "MAKE_TEST_VOLUME") in dag.edges, param
     for param in ("neuron_stack_dir", "output_dir", "neuron_output_dataset", "unsegmented_dataset"):
         assert (param, "neuron_segmentation") in dag.edges, param
+    # standalone connected components: after the facade's `done`, gated by with_connected_comps (not
+    # when the facade runs them itself, neuron_connected_comps, nor with plan_only)
+    assert ("neuron_segmentation", "CONNECTED_COMPONENTS") in dag.edges
+    assert {"with_connected_comps", "neuron_connected_comps", "plan_only"} <= dag.labels
     assert "test_volume" in dag.labels  # the test volume is made only when asked
     assert "workflow" in dag.labels  # segmentation or training
 
@@ -155,7 +168,9 @@ def test_main_training_dag(analysis):
 def test_subworkflow_dag(analysis):
     dag = analysis.dags["subworkflow"]
     processes = {label for label in dag.labels if label.isupper() and label.replace("_", "").isalpha()}
-    assert processes == {"PLAN_BLOCKS", "SCALING_FACTOR", "CREATE_VOLUME", "SEGMENT_VOLUME"}
+    assert processes == {
+        "PLAN_BLOCKS", "SCALING_FACTOR", "CREATE_VOLUME", "SEGMENT_VOLUME", "QUICKLOOK", "GLOBAL_POST_PROCESSING", "PYRAMID",
+    }
     expected = {
         ("ch_volumes", "PLAN_BLOCKS"),
         ("ch_volumes", "SCALING_FACTOR"),
@@ -171,8 +186,21 @@ def test_subworkflow_dag(analysis):
         ("CREATE_VOLUME", "SEGMENT_VOLUME"),
         ("SEGMENT_VOLUME", "segmented"),
         ("SCALING_FACTOR", "scaling"),
+        ("SEGMENT_VOLUME", "QUICKLOOK"),  # a picture of each segmented volume
+        ("options", "QUICKLOOK"),
+        ("QUICKLOOK", "pictures"),
+        ("PLAN_BLOCKS", "plan"),  # the run's cost
+        # global post-processing: after the blocks, over the same plan, before the volume is released
+        ("SEGMENT_VOLUME", "GLOBAL_POST_PROCESSING"),
+        ("PLAN_BLOCKS", "GLOBAL_POST_PROCESSING"),
+        ("GLOBAL_POST_PROCESSING", "segmented"),
+        ("GLOBAL_POST_PROCESSING", "QUICKLOOK"),
+        ("GLOBAL_POST_PROCESSING", "PYRAMID"),
+        ("PYRAMID", "pyramid"),
     }
     assert expected <= dag.edges, sorted(expected - dag.edges)
+    assert not dag.reachable("QUICKLOOK", "segmented")  # the volume is released without waiting for its picture
+    assert not dag.reachable("PYRAMID", "segmented")  # nor for its pyramid
     # the plan feeds the sampling jobs and the blocks; scaling and output creation are independent;
     # nothing feeds back
     assert not dag.reachable("SCALING_FACTOR", "CREATE_VOLUME")
@@ -185,6 +213,58 @@ def test_subworkflow_dag(analysis):
     text = SUBWORKFLOW.read_text()
     for gone in ("def partitionVolume", "def processedRegion", "def checkAlignment", "def scalingPlan", "Math.cbrt"):
         assert gone not in text, gone
+
+
+def test_components_dag(analysis):
+    """CONNECTED_COMPONENTS: labels dataset -> its plan -> label tasks -> merge -> write tasks -> labels,
+    then the picture and the pyramid of the labels."""
+    dag = analysis.dags["components"]
+    processes = {label for label in dag.labels if label.isupper() and label.replace("_", "").isalpha()}
+    assert processes == {"CREATE_VOLUME", "PLAN_LABEL_BLOCKS", "LABEL_BLOCKS", "MERGE_LABELS", "WRITE_LABELS", "QUICKLOOK", "PYRAMID"}
+    chain = ["CREATE_VOLUME", "PLAN_LABEL_BLOCKS", "LABEL_BLOCKS", "MERGE_LABELS", "WRITE_LABELS", "labels"]
+    expected = set(zip(chain, chain[1:])) | {
+        ("WRITE_LABELS", "QUICKLOOK"),
+        ("WRITE_LABELS", "PYRAMID"),
+        ("MERGE_LABELS", "objects"),
+        ("MERGE_LABELS", "summary"),
+        ("QUICKLOOK", "pictures"),
+        ("PYRAMID", "pyramid"),
+    }
+    assert expected <= dag.edges, sorted(expected - dag.edges)
+    assert not dag.reachable("WRITE_LABELS", "MERGE_LABELS") and not dag.reachable("MERGE_LABELS", "LABEL_BLOCKS")
+    assert not dag.reachable("PYRAMID", "labels") and not dag.reachable("QUICKLOOK", "labels")
+    text = COMPONENTS.read_text()
+    assert text.count("whenTasksDone(") == 2  # the merge waits for the label tasks, the labels for the write tasks
+
+
+def test_post_processing_dag(analysis):
+    """GLOBAL_POST_PROCESSING: hysteresis pass -> its merge -> size pass -> its merge -> write, the
+    output created beside the first pass."""
+    dag = analysis.dags["post_processing"]
+    chain = ["HYSTERESIS_LABEL_BLOCKS", "HYSTERESIS_MERGE_LABELS", "SIZE_LABEL_BLOCKS", "SIZE_MERGE_LABELS", "WRITE_LABELS", "processed"]
+    expected = set(zip(chain, chain[1:])) | {("CREATE_VOLUME", "WRITE_LABELS"), ("ch_volumes", "CREATE_VOLUME")}
+    assert expected <= dag.edges, sorted(expected - dag.edges)
+    assert not dag.reachable("CREATE_VOLUME", "HYSTERESIS_LABEL_BLOCKS") and not dag.reachable("SIZE_LABEL_BLOCKS", "HYSTERESIS_MERGE_LABELS")
+    text = POST_PROCESSING.read_text()
+    assert text.count("whenTasksDone(") == 3  # each merge waits for its pass's tasks; the release for the writes
+
+
+def test_pyramid_dag(analysis):
+    """PYRAMID: 'create' -> level 1 -> level 2 -> ... -> level N, each level after the one before;
+    N aliases of BUILD_PYRAMID, the same N as the script's --max-levels bound."""
+    dag = analysis.dags["pyramid"]
+    text = PYRAMID.read_text()
+    n = int(re.search(r"def maxPyramidLevels\(\) \{\n\s+return (\d+)", text).group(1))
+    steps = ["BUILD_PYRAMID"] + [f"BUILD_PYRAMID_S{k}" for k in range(1, n + 1)]
+    processes = {label for label in dag.labels if label.startswith("BUILD_PYRAMID")}
+    assert processes == set(steps)
+    assert set(zip(steps, steps[1:])) <= dag.edges
+    for k in range(1, n):  # never the other way round
+        assert not dag.reachable(f"BUILD_PYRAMID_S{k + 1}", f"BUILD_PYRAMID_S{k}")
+    assert all((step, "pyramid") in dag.edges for step in steps)
+    schema = json.loads((ROOT / "nextflow_schema.json").read_text())
+    assert schema["$defs"]["pyramid_options"]["properties"]["pyramid_max_levels"]["maximum"] == n
+    assert config_params()["pyramid_max_levels"] == n
 
 
 def test_training_subworkflow_dag(analysis):
@@ -225,11 +305,13 @@ def test_host_facade_dag(analysis):
         ("in", "TIFF_TO_N5"),
         ("TIFF_TO_N5", "NEURON_SEGMENTATION"),
         ("NEURON_SEGMENTATION", "done"),
+        ("done", "CONNECTED_COMPONENTS"),  # only with neuron_connected_comps (test_dag_run.py)
     } <= dag.edges
+    assert not dag.reachable("CONNECTED_COMPONENTS", "done")  # `done` never waits for components
     text = FACADE.read_text()
     assert re.search(r"^workflow neuron_segmentation \{\n\s+take:\n\s+in\b.*\n\s+out\b", text, re.MULTILINE)
     assert re.search(r"^\s+emit:\n\s+done\b", text, re.MULTILINE)
-    assert "include { NEURON_SEGMENTATION } from '../subworkflows/local/neuron_segmentation'" in text
+    assert re.search(r"include \{ NEURON_SEGMENTATION +\} from '\.\./subworkflows/local/neuron_segmentation'", text)
     # the minimum Nextflow is checked at run time, and is the manifest's
     assert "nextflow.version.matches(minimumNextflow())" in text
     minimum = re.search(r"def minimumNextflow\(\) \{\n\s+return '([^']+)'", text).group(1)
@@ -249,6 +331,12 @@ def test_modules_follow_the_conventions():
         "PREPARE_DATASET": "prepare_dataset.py",
         "TRAIN_UNET": "train_unet.py",
         "EVALUATE_UNET": "evaluate_unet.py",
+        "QUICKLOOK": "quicklook.py",
+        "LABEL_BLOCKS": "label_blocks.py",
+        "MERGE_LABELS": "merge_labels.py",
+        "WRITE_LABELS": "write_labels.py",
+        "BUILD_PYRAMID": "build_pyramid.py",
+        "TO_OME_ZARR": "to_ome_zarr.py",
     }
     training = {"MAKE_TRAINING_REGIONS", "PREPARE_DATASET", "TRAIN_UNET", "EVALUATE_UNET"}
     assert set(found) == set(scripts)

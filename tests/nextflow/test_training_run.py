@@ -61,13 +61,17 @@ def main_snippets() -> dict[str, str]:
 
 
 def publish_dirs(config: Path = ROOT / "conf" / "modules.config") -> dict[str, tuple[str, str | None]]:
-    """``publishDir`` per process name from conf/modules.config: (path, pattern or None)."""
-    found = re.findall(
-        r"withName:\s*'(\w+)'\s*\{[^}]*?publishDir\s*=\s*\[path:\s*\"([^\"]*)\",\s*mode:\s*[\w.]+"
-        r"(?:,\s*pattern:\s*'([^']*)')?\]",
-        config.read_text(),
-    )
-    return {name: (path, pattern or None) for name, path, pattern in found}
+    """``publishDir`` per process name from conf/modules.config: (path, pattern or None). A path given
+    as a closure (``{ "${params.outdir}/plan/${meta.id}" }``, rendered per task) gives its GString."""
+    found = {}
+    for name, body in re.findall(r"^    withName:\s*'(\w+)'\s*\{\n(.*?)^    \}", config.read_text(), re.MULTILINE | re.DOTALL):
+        m = re.search(
+            r"publishDir\s*=\s*\[path:\s*(?:\{\s*)?\"([^\"]*)\"(?:\s*\})?,\s*mode:\s*[\w.]+(?:,\s*pattern:\s*'([^']*)')?\]",
+            body,
+        )
+        if m:
+            found[name] = (m.group(1), m.group(2) or None)
+    return found
 
 
 def published(process: Process, work: Path, names: dict[str, str]) -> list[str]:
@@ -182,6 +186,10 @@ def test_training_run_in_dag_order(analysis, tmp_path):
         "PREPARE_DATASET": (f"{outdir}/datasets", None),
         "TRAIN_UNET": (outdir, "*"),
         "EVALUATE_UNET": (outdir, "*/evaluation"),
+        # segmentation's and components' outputs (test_dag_run.py)
+        "QUICKLOOK": ("${params.outdir}/quicklook", None),
+        "PLAN_BLOCKS": ("${params.outdir}/plan/${meta.id}", "plan.json"),
+        "MERGE_LABELS": ("${params.outdir}/components/${meta.id}", None),
     }
     assert "--region-file A1.h5 --region-file A2.h5" in rendered["prepare"]["script"]
     assert "--parallel-calls 1" in rendered["train"]["script"] and "--resume" not in rendered["train"]["script"]

@@ -3,7 +3,7 @@ process BUILD_PYRAMID {
     label 'process_low'
 
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.1.0'}"
+    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.2.0'}"
     // The pyramid is written in place beside s0, inside its container: bind the container.
     containerOptions "${bindMounts(workflow.containerEngine, [n5])}"
 

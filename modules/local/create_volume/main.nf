@@ -3,7 +3,7 @@ process CREATE_VOLUME {
     label 'process_single'
 
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.1.0'}"
+    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.2.0'}"
     // The template is read in place; the output container may not exist yet, so its parent is bound.
     containerOptions "${bindMounts(workflow.containerEngine, [file(in_n5), file(out_n5).parent])}"
 

@@ -5,7 +5,7 @@ process EVALUATE_UNET {
     label 'withGPU'
 
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-train-unet:0.1.0'}"
+    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-train-unet:0.2.0'}"
 
     input:
     tuple val(meta), path(dataset), path(model), path(keys)

@@ -8,23 +8,23 @@ process LABEL_BLOCKS {
     cpus { (resources.cpus ?: 1) as Integer }
     memory { (resources.memory ?: '4 GB') as String }
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.1.0')}"
+    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.2.0')}"
     // The input N5 is read in place and the records folder written in place (created by the script, so
     // its parent, which must exist, is bound); an earlier pass's records (--restrict) are read in place.
     containerOptions "${bindMounts(workflow.containerEngine, [in_n5, parentOf(records), restrict])}"
 
     input:
+    // restrict: records folder of an earlier, merged pass of the same volume whose kept objects
+    // restrict the foreground ('' for none): per volume, so it travels with the volume
     // blocks: the task's blocks, consecutive in the plan: [ [start: 'x0,y0,z0', end: 'x1,y1,z1'], ... ]
-    tuple val(meta), val(in_n5), val(in_ds), val(records), val(blocks)
+    tuple val(meta), val(in_n5), val(in_ds), val(records), val(restrict), val(blocks)
     // label_blocks.py flags of the pass: --threshold, --connectivity, --seed-threshold
     val options
-    // records folder of an earlier, merged pass whose kept objects restrict the foreground; '' for none
-    val restrict
     // [ cpus: int, memory: '4 GB', container: image ('' = the pinned one) ]
     val resources
 
     output:
-    tuple val(meta), val(in_n5), val(in_ds), val(records), val(blocks), emit: blocks
+    tuple val(meta), val(in_n5), val(in_ds), val(records), val(restrict), val(blocks), emit: blocks
     tuple val("${task.process}"), val('exllsm-neuronseg'), eval('label_blocks.py --version | cut -d " " -f 3'), topic: versions, emit: versions_label_blocks
 
     when:

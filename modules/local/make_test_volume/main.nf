@@ -4,7 +4,7 @@ process MAKE_TEST_VOLUME {
 
     conda "${moduleDir}/environment.yml"
     // No TensorFlow needed: the create-volume image carries make_test_volume.py too.
-    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.1.0'}"
+    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.2.0'}"
     containerOptions "${bindMounts(workflow.containerEngine, [file(n5).parent])}"
 
     input:

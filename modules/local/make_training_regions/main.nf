@@ -4,7 +4,7 @@ process MAKE_TRAINING_REGIONS {
 
     conda "${moduleDir}/environment.yml"
     // No GPU needed; the training image carries make_training_regions.py with the other training stages.
-    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-train-unet:0.1.0'}"
+    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-train-unet:0.2.0'}"
 
     input:
     tuple val(meta), val(names)

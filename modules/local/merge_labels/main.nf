@@ -9,7 +9,7 @@ process MERGE_LABELS {
     cpus { (resources.cpus ?: 1) as Integer }
     memory { (resources.memory ?: '4 GB') as String }
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.1.0')}"
+    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.2.0')}"
     // The input N5 is read in place (its identity keys the records) and the merge table is written
     // into the records folder in place; the block plan is a staged file.
     containerOptions "${bindMounts(workflow.containerEngine, [in_n5, records])}"

@@ -3,7 +3,7 @@ process PLAN_BLOCKS {
     label 'process_single'
 
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.1.0'}"
+    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.2.0'}"
     // The input dataset's attributes are read in place: bind its container.
     containerOptions "${bindMounts(workflow.containerEngine, [n5])}"
 

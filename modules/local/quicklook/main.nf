@@ -9,7 +9,7 @@ process QUICKLOOK {
     // is reported, and nothing downstream waits for it.
     errorStrategy 'ignore'
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.1.0')}"
+    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.2.0')}"
     // Both containers are read in place: bind them.
     containerOptions "${bindMounts(workflow.containerEngine, [in_n5, result_n5])}"
 

@@ -7,7 +7,7 @@ process SCALING_FACTOR {
     cpus { (resources.cpus ?: 1) as Integer }
     memory { (resources.memory ?: '4 GB') as String }
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.1.0')}"
+    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.2.0')}"
     // The input N5 is read in place (and the plots directory written in place): bind them.
     containerOptions "${bindMounts(workflow.containerEngine, [n5, plots_dir])}"
 

@@ -10,7 +10,7 @@ process SEGMENT_VOLUME {
     cpus { (resources.cpus ?: 1) as Integer }
     memory { (resources.memory ?: '8 GB') as String }
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-segment-volume:0.1.0')}"
+    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-segment-volume:0.2.0')}"
     // N5 containers (and the mask's) are read and written in place, so they travel as absolute
     // paths and are bound into the container here; the model is a staged file and Nextflow binds it itself.
     containerOptions "${bindMounts(workflow.containerEngine, [in_n5, out_n5, maskContainer(mask)])}"

@@ -7,7 +7,7 @@ process TIFF_TO_N5 {
     cpus { (resources.cpus ?: 4) as Integer }
     memory { (resources.memory ?: '8 GB') as String }
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.1.0')}"
+    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.2.0')}"
     // The TIFFs are read in place; the output container may not exist yet, so its parent is bound.
     containerOptions "${bindMounts(workflow.containerEngine, [file(tiff_dir), file(out_n5).parent])}"
 

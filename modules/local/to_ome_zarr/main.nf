@@ -3,7 +3,7 @@ process TO_OME_ZARR {
     label 'process_low'
 
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.1.0'}"
+    container "${task.ext.container ?: 'ghcr.io/janeliascicomp/exllsm-create-volume:0.2.0'}"
     // The sources are read in place and the OME-Zarr is written beside them (under a temporary name,
     // renamed when complete): bind every source container and the output's parent.
     containerOptions "${bindMounts(workflow.containerEngine, [n5] + labels.collect { label -> label.n5 } + [file(out_zarr).parent])}"

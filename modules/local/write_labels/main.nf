@@ -8,7 +8,7 @@ process WRITE_LABELS {
     cpus { (resources.cpus ?: 1) as Integer }
     memory { (resources.memory ?: '4 GB') as String }
     conda "${moduleDir}/environment.yml"
-    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.1.0')}"
+    container "${task.ext.container ?: ((resources.container as String) ?: 'ghcr.io/janeliascicomp/exllsm-scaling-factor:0.2.0')}"
     // N5 containers and the merged records folders are read and written in place: bind them.
     containerOptions "${bindMounts(workflow.containerEngine, [in_n5, out_n5] + records)}"
 
