@@ -415,6 +415,7 @@ def test_help_is_not_cut_at_80_columns(script):
 
     proc = run_script(script, "--help", env={"COLUMNS": "80"}, check=True)
     assert "…" not in proc.stdout and "╭" not in proc.stdout and "\x1b" not in proc.stdout
+    assert "<bool>" not in proc.stdout and "list[str]" not in proc.stdout  # on/off flags take no value
     source = (BIN / script).read_text()
     flags = set(re.findall(r'"(--[a-z][a-z0-9_-]+)', source)) - {"--help"}
     shown = set(re.findall(r"--[a-z][a-z0-9_/-]*[a-z0-9_]", proc.stdout.replace("/--", " --")))
