@@ -10,7 +10,8 @@
 #   --engine CMD    the container engine, with any global options, e.g.
 #                   --engine "podman --root /var/tmp/images/storage" (default: $CONTAINER_ENGINE,
 #                   else docker when its daemon answers, else podman)
-#   --prune         remove dangling images after the builds
+#   --prune         remove this project's images of other versions before the builds, and
+#                   dangling images before and after them
 #   --list          print "STAGE IMAGE" per stage and build nothing
 #   -h, --help      this text
 #   BUILD-ARGS      passed to every `<engine> build`, e.g. on a machine without a Docker daemon
@@ -81,6 +82,16 @@ fi
 read -r -a engine_cmd <<< "$engine"
 
 cd "$root"
+if [ "$prune" -eq 1 ]; then
+    # this project's images of other versions first: each TensorFlow image is ~7 GB, and a build
+    # that needs the room for a new version's layers must not run out of disk beside the old ones
+    for stage in "${stages[@]}"; do
+        repo="$(image_of "$stage")"; repo="${repo%:*}"
+        "${engine_cmd[@]}" images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null | grep "^$repo:" | grep -v ":$version\$" |
+            while read -r old; do "${engine_cmd[@]}" rmi "$old" >/dev/null 2>&1 || true; done
+    done
+    "${engine_cmd[@]}" image prune -f >/dev/null
+fi
 for stage in "${stages[@]}"; do
     image=$(image_of "$stage")
     echo "== $stage -> $image (${engine_cmd[0]})"
