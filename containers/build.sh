@@ -88,7 +88,7 @@ if [ "$prune" -eq 1 ]; then
     for stage in "${stages[@]}"; do
         repo="$(image_of "$stage")"; repo="${repo%:*}"
         "${engine_cmd[@]}" images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null | grep "^$repo:" | grep -v ":$version\$" |
-            while read -r old; do "${engine_cmd[@]}" rmi "$old" >/dev/null 2>&1 || true; done
+            while read -r old; do "${engine_cmd[@]}" rmi "$old" >/dev/null 2>&1 || true; done || true  # none: fine
     done
     "${engine_cmd[@]}" image prune -f >/dev/null
 fi
