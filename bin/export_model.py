@@ -22,7 +22,7 @@ def export_model(
     tile_shape: str | None = typer.Option(None, "--tile-shape", "--model_input_shape", help="Input tile x,y,z of the exported graphs (each edge s = 4 mod 8, s >= 92; default: the model file's own, 220,220,220 for the published model)."),
     scaling: float | None = typer.Option(None, "-s", "--scaling", help="The example scaling factor declared as scale_linear gain (default: the test volume's own). Give your volume's factor (scaling_factor.py) to run the package on it."),
     name: str | None = typer.Option(None, "--name", help="The model's name (default: the published model's name, or the file's stem)."),
-    author: list[str] | None = typer.Option(None, "--author", help="An author of the package (repeat for several; default: the exllsm-neuronseg contributors)."),
+    author: list[str] | None = typer.Option(None, "--author", metavar="NAME", help="An author of the package (repeat for several; default: the exllsm-neuronseg contributors)."),
     license: str = typer.Option("BSD-3-Clause", "--license", help="SPDX identifier of the weights' licence."),
     license_file: str | None = typer.Option(None, "--license-file", help="The licence text to package (default: LICENSE-<model stem>.txt or LICENSE beside the model file)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model package at --output."),

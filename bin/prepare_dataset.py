@@ -23,7 +23,7 @@ def prepare_dataset(
     dataset_dir: str = typer.Option(..., "--dataset-file", "--dataset-dir", "--dataset", help="Output HDF5 dataset file (appended to; created if missing), or a folder to hold training-dataset.h5."),
     region_dir: Optional[str] = typer.Option(None, "--region-dir", help="Directory holding <R>/<R>.h5 (or <R>.h5) for each name in --regions."),
     regions: str = typer.Option("A1,A2,B1", "--regions", help="Comma-separated region names looked up in --region-dir."),
-    region_file: Optional[List[str]] = typer.Option(None, "--region-file", help="A region HDF5 file (repeatable; named after the file stem). Used instead of --region-dir."),
+    region_file: Optional[List[str]] = typer.Option(None, "--region-file", metavar="FILE", help="A region HDF5 file (repeatable; named after the file stem). Used instead of --region-dir."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Diagnostics directory (histograms, scaling-fit plots); none written if omitted."),
     raw_dataset: str = typer.Option("t0/channel0", "--raw-dataset", help="Raw-image dataset inside each region file."),
     label_dataset: str = typer.Option("t0/channel2", "--label-dataset", help="Ground-truth dataset inside each region file (integers, > 0 = neuron)."),

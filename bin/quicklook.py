@@ -22,7 +22,7 @@ HELP = __doc__.strip().splitlines()[0]
 def quicklook(
     input: str = typer.Option(..., "-i", "--input", help="Input (raw) container, N5 or zarr."),
     input_dataset: str = typer.Option("/s0", "-id", "--input_data_set", "--input-dataset", help="Input dataset path inside the container."),
-    result: Optional[list[str]] = typer.Option(None, "--result", help="Result CONTAINER:DATASET to overlay (same x,y,z dims as the input); repeat it for one picture per result."),
+    result: Optional[list[str]] = typer.Option(None, "--result", metavar="CONTAINER:DATASET", help="Result CONTAINER:DATASET to overlay (same x,y,z dims as the input); repeat it for one picture per result."),
     kind: str = typer.Option("auto", "--kind", help="How the result is drawn: auto (float = probability, uint8 0/1 = mask, other integers = labels), probability, mask or labels."),
     output: str = typer.Option(..., "-o", "--output", help="The PNG file, or a folder (existing, or ending in '/') for pictures named after their results (seg.n5:/segmented/s0 -> seg_segmented_s0.png)."),
     max_size: int = typer.Option(1024, "--max-size", "--max_size", help="Longest edge of the picture in pixels (at least 256)."),

@@ -19,7 +19,7 @@ HELP = __doc__.strip().splitlines()[0]
 def to_ome_zarr(
     input: str = typer.Option(..., "-i", "--input", help="Input container (N5 or zarr)."),
     input_dataset: str = typer.Option("/s0", "-id", "--input_data_set", "--input-dataset", help="The image dataset (e.g. probabilities /s0), or a group of levels s0, s1, ..."),
-    label: list[str] | None = typer.Option(None, "--label", help="A label image NAME=CONTAINER:DATASET (NAME=DATASET: in the input container), e.g. mask=/data/seg.n5:/mask/s0; repeat for several."),
+    label: list[str] | None = typer.Option(None, "--label", metavar="NAME=CONTAINER:DATASET", help="A label image NAME=CONTAINER:DATASET (NAME=DATASET: in the input container), e.g. mask=/data/seg.n5:/mask/s0; repeat for several."),
     output: str = typer.Option(..., "-o", "--output", help="The OME-Zarr directory to write, e.g. /data/seg.ome.zarr."),
     name: str | None = typer.Option(None, "--name", help="The image's name in the metadata (default: its dataset's group or container)."),
     chunks: str | None = typer.Option(None, "--chunks", help="Output chunk shape x,y,z (default: the input's, each edge at most 128)."),
