@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import struct
 import time
@@ -53,6 +52,7 @@ import numpy as np
 from . import __version__
 from .errors import ModelError, OutputError, OutputExistsError, ParameterError
 from .geometry import XYZ, format_xyz
+from .volume import install_replacing
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def export_model_package(
         if folder != temporary:
             _zip_folder(folder, temporary)
             shutil.rmtree(folder)
-        _install(temporary, output)
+        install_replacing(temporary, output)
     except BaseException as exc:
         _remove(folder)
         _remove(temporary)
@@ -702,22 +702,6 @@ def _is_package(path: Path) -> bool:
             return RDF_NAME in archive.namelist()
     except (OSError, zipfile.BadZipFile):
         return False
-
-
-def _install(temporary: Path, output: Path) -> None:
-    """Rename the complete package into place; an existing one is renamed away first and deleted after."""
-    trash = None
-    if output.exists() or output.is_symlink():
-        trash = output.with_name(f".{output.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.replace(output, trash)
-    try:
-        os.rename(temporary, output)
-    except OSError:
-        if trash is not None:
-            os.rename(trash, output)
-        raise
-    if trash is not None:
-        _remove(trash)
 
 
 def _remove(path: Path) -> None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -57,6 +56,8 @@ from .volume import (
     Volume,
     dataset_exists,
     discard_leftovers,
+    downsampling_factors,
+    install_replacing,
     input_attributes,
     io_executor,
     io_thread_count,
@@ -234,10 +235,10 @@ def open_levels(container: str, dataset: str, name: str) -> Source:
     volumes = []
     while dataset_exists(container, f"{prefix}s{len(volumes)}"):
         volumes.append(open_volume(container, f"{prefix}s{len(volumes)}"))
-    base_factors = _factors(volumes[0])
+    base_factors = downsampling_factors(volumes[0])
     levels = []
     for volume in volumes:
-        factors = _factors(volume)
+        factors = downsampling_factors(volume)
         if volume.dtype != volumes[0].dtype:
             raise VolumeError(f"{volume} is {volume.dtype} but {volumes[0]} is {volumes[0].dtype}: not one pyramid")
         if any(f % b for f, b in zip(factors, base_factors)):
@@ -253,17 +254,6 @@ def open_levels(container: str, dataset: str, name: str) -> Source:
             )
         levels.append(Level(volume, relative))  # type: ignore[arg-type]
     return Source(name, levels)
-
-
-def _factors(volume: Volume) -> XYZ:
-    value = input_attributes(volume).get("downsamplingFactors", [1, 1, 1])
-    try:
-        factors = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        factors = ()
-    if len(factors) != 3 or min(factors) < 1:
-        raise VolumeError(f"{volume} has downsamplingFactors {value!r}, not 3 positive integers x,y,z")
-    return factors  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +373,7 @@ def write_ome_zarr(
     try:
         discard_leftovers(output)  # what killed runs left beside it
         blocks = _write_tree(temporary, image, sources, size, unit_name, image_name, chunk_shape, io_threads, progress, warn)
-        _install(temporary, output)
+        install_replacing(temporary, output)
     except BaseException as exc:
         shutil.rmtree(temporary, ignore_errors=True)
         error = _os_error(exc)
@@ -494,23 +484,6 @@ def _is_ome_zarr_image(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(attributes, dict) and "multiscales" in attributes
-
-
-def _install(temporary: Path, output: Path) -> None:
-    """Rename the complete copy into place; an existing output is first renamed away in one step
-    (so it stays whole until the new one is there) and deleted afterwards."""
-    trash = None
-    if output.exists() or output.is_symlink():
-        trash = output.with_name(f".{output.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.replace(output, trash)
-    try:
-        os.rename(temporary, output)
-    except OSError:
-        if trash is not None:
-            os.rename(trash, output)
-        raise
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _write_tree(

@@ -83,6 +83,7 @@ from .provenance import stage_record
 from .volume import (
     Volume,
     create_volume,
+    downsampling_factors,
     dataset_identity,
     discard_dataset,
     input_attributes,
@@ -328,7 +329,7 @@ def plan_pyramid(
             f"dataset <group>/s0 (the n5-viewer convention); give the dataset as {group + '/' if group else ''}s0"
         )
     method = check_method(method, source.dtype)
-    _factors_of(source)  # a malformed downsamplingFactors of s0 is refused before anything is written
+    downsampling_factors(source)  # a malformed downsamplingFactors of s0 is refused before anything is written
     given = parse_resolution(resolution, "voxel size") if resolution not in (None, "") else None
     try:
         own, own_unit = voxel_size(input_attributes(source))
@@ -391,7 +392,7 @@ def level_attributes(pyramid: Pyramid, level: Level) -> dict:
     the factors), its absolute ``downsamplingFactors``, and ``pixelResolution`` when only the given
     voxel size knows it."""
     attributes = dict(input_attributes(pyramid.source))
-    base = _factors_of(pyramid.source)  # [1,1,1] unless s0 is itself downsampled from something finer
+    base = downsampling_factors(pyramid.source)  # [1,1,1] unless s0 is itself downsampled from something finer
     attributes["downsamplingFactors"] = [f * b for f, b in zip(level.factors, base)]
     if pyramid.resolution is not None:
         try:
@@ -405,7 +406,7 @@ def level_attributes(pyramid: Pyramid, level: Level) -> dict:
 
 def group_attributes(pyramid: Pyramid) -> dict:
     """The multiscale attributes of the pyramid's group (see the module docstring)."""
-    base = _factors_of(pyramid.source)
+    base = downsampling_factors(pyramid.source)
     attributes: dict = {
         "multiScale": True,
         "scales": [list(base)] + [[f * b for f, b in zip(level.factors, base)] for level in pyramid.levels],
@@ -534,17 +535,6 @@ class LevelPair:
     factors: XYZ = field(default=(1, 1, 1))
 
 
-def _factors_of(volume: Volume) -> XYZ:
-    value = input_attributes(volume).get("downsamplingFactors", [1, 1, 1])
-    try:
-        factors = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        factors = ()
-    if len(factors) != 3 or min(factors) < 1:
-        raise VolumeError(f"{volume} has downsamplingFactors {value!r}, not 3 positive integers x,y,z")
-    return factors  # type: ignore[return-value]
-
-
 def open_level(container: str, s0_dataset: str, index: int) -> LevelPair:
     """Open level ``index`` (>= 1) of the pyramid of ``container:s0_dataset`` and the level before
     it, checked against each other (dtype, factors, shape); :class:`VolumeError` when the level was
@@ -563,7 +553,7 @@ def open_level(container: str, s0_dataset: str, index: int) -> LevelPair:
         raise VolumeError(f"{exc}; create the pyramid's levels first") from None
     if target.dtype != source.dtype:
         raise VolumeError(f"{target} is {target.dtype} but {source} is {source.dtype}: create the levels again")
-    before, factors = _factors_of(source), _factors_of(target)
+    before, factors = downsampling_factors(source), downsampling_factors(target)
     if any(f % b for f, b in zip(factors, before)):
         raise VolumeError(
             f"{target} has downsamplingFactors {format_xyz(factors)}, not a multiple of {source}'s {format_xyz(before)}: "

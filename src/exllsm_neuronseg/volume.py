@@ -697,6 +697,38 @@ def _rename_away(path: Path) -> Path:
     return trash
 
 
+def install_replacing(temporary: Path, output: Path) -> None:
+    """Rename a complete ``temporary`` (folder or file) to ``output``: an existing output is first
+    renamed away in one step (so it stays whole until the new one is there, and is put back if the
+    rename in fails) and deleted afterwards."""
+    trash = _rename_away(output) if output.exists() or output.is_symlink() else None
+    try:
+        os.rename(temporary, output)
+    except OSError:
+        if trash is not None:
+            os.rename(trash, output)
+        raise
+    if trash is None:
+        return
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+def downsampling_factors(volume: Volume) -> XYZ:
+    """A pyramid level's ``downsamplingFactors`` (x,y,z, relative to s0; [1,1,1] when absent);
+    :class:`VolumeError` unless they are 3 positive integers."""
+    value = input_attributes(volume).get("downsamplingFactors", [1, 1, 1])
+    try:
+        factors = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        factors = ()
+    if len(factors) != 3 or min(factors) < 1:
+        raise VolumeError(f"{volume} has downsamplingFactors {value!r}, not 3 positive integers x,y,z")
+    return factors  # type: ignore[return-value]
+
+
 def discard_leftovers(path: Path) -> None:
     """Delete what killed runs left beside the dataset ``path``: a replaced dataset whose deletion
     did not finish, a new dataset whose creation did not."""
