@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Label the connected components of blocks of a volume and write each block's record for merge_labels.py.
 
-Foreground is value > --threshold (probabilities, or a 0/1 mask), labelled with 6- or 26-connectivity
+Foreground is value > --threshold, or value >= --threshold with --inclusive (the host's Spark
+connected components; probabilities, or a 0/1 mask), labelled with 6- or 26-connectivity
 (the host's connected_pixels_shape diamond/box) in each block alone; the block's record (objects,
 their statistics and the block's faces) goes to --records DIR, written whole or not at all. Several
 blocks run in one process: repeated --start/--end pairs, or --blocks FILE --block-index LIST from
@@ -21,6 +22,7 @@ def label_blocks(
     input_dataset: str = typer.Option("/s0", "-id", "--input_data_set", "--input-dataset", help="Dataset path: probabilities, or a 0/1 mask."),
     records: str = typer.Option(..., "--records", help="Folder of the blocks' records (created if missing); one per pass."),
     threshold: float = typer.Option(0.8, "--threshold", help="Foreground is value > threshold (the host's connected_pixels_threshold)."),
+    inclusive: bool = typer.Option(False, "--inclusive", help="Foreground is value >= threshold, as the host's Spark connected components (default: >, as post-processing)."),
     connectivity: str = typer.Option("26", "--connectivity", help="6 (or diamond: faces) or 26 (or box: faces, edges, corners); the host's connected_pixels_shape."),
     seed_threshold: float | None = typer.Option(None, "--seed-threshold", help="Hysteresis: note which objects hold a voxel > this (merge_labels.py --require-seed keeps only those)."),
     restrict: str | None = typer.Option(None, "--restrict", help="Records folder of an earlier, merged pass: only voxels of the objects it kept are foreground (global post-processing's size pass)."),
@@ -41,7 +43,7 @@ def label_blocks(
     volume = open_volume(input, input_dataset)
     if restrict is not None:  # absolute: the records name the earlier pass for later stages run from elsewhere
         restrict = str(Path(restrict).resolve())
-    settings = PassSettings(threshold, connectivity_of(connectivity), seed_threshold, restrict)
+    settings = PassSettings(threshold, connectivity_of(connectivity), seed_threshold, restrict, inclusive)
     if restrict is not None:
         checked_table(volume, restrict)  # merged, from this input: refused before any block is labelled
     if blocks is not None:

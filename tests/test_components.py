@@ -229,6 +229,33 @@ def test_a_mask_and_the_host_names(tmp_path):
             C.connectivity_of(bad)
 
 
+def test_inclusive_threshold_is_the_host_spark_apps(tmp_path):
+    """``inclusive``: foreground is value >= threshold (N5ConnectedComponentsSpark's test): a 0/1
+    mask with threshold 1 keeps its ones, and voxels exactly at a probability threshold count."""
+    mask = (noise_field((20, 22, 24), seed=4) > 0.5).astype(np.uint8)
+    volume = write_n5(tmp_path / "mask.n5", mask)
+    blocks = random_grid(volume.shape, 5)
+    for inclusive in (True, False):
+        records = tmp_path / f"mask-{inclusive}"
+        run_pass(volume, blocks, records, C.PassSettings(1.0, 26, inclusive=inclusive))
+        got = assemble(volume, blocks, lambda b, r=records: C.block_labels(volume, b, r), np.uint64)
+        np.testing.assert_array_equal(got, reference_labels(mask, 0.5, 26) if inclusive else np.zeros_like(got))
+    # probabilities quantised to steps of 1/8, so many voxels sit exactly at the threshold 0.5
+    values = (np.round(noise_field((20, 22, 24), seed=6) * 8) / 8).astype(np.float32)
+    at = int((values == np.float32(0.5)).sum())
+    assert at > 100
+    volume = write_n5(tmp_path / "p.n5", values)
+    records = tmp_path / "p"
+    run_pass(volume, blocks, records, C.PassSettings(0.5, 6, inclusive=True))
+    got = assemble(volume, blocks, lambda b: C.block_labels(volume, b, records), np.uint64)
+    expected = reference_labels(values, np.nextafter(np.float32(0.5), np.float32(0)), 6)
+    np.testing.assert_array_equal(got, expected)
+    assert int((got > 0).sum()) == int((values >= 0.5).sum()) > int((values > 0.5).sum())
+    # the default (exclusive) pass keeps the key records had before the choice existed
+    assert "inclusive" not in C.PassSettings(0.8, 26).key()
+    assert C.PassSettings(0.8, 26, inclusive=True).key()["inclusive"] is True
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Global post-processing equals post_process of the whole volume
 # --------------------------------------------------------------------------------------------
@@ -465,6 +492,21 @@ def test_the_scripts_with_the_host_defaults(cli):
     redo = ok(cli.write("--records", cli.folder / "records", "--start", "32,16,0", "--end", "64,32,16", "--redo"))
     assert len(redo) == 1 and redo[0].startswith("block [32,16,0 .. 64,32,16): ") and " labelled in " in redo[0]
     np.testing.assert_array_equal(cli.read(), expected)
+
+
+def test_label_blocks_inclusive(cli, tmp_path):
+    """``--inclusive`` (what the pipeline passes for the host's connected components) is recorded in
+    the pass's settings; a 0/1 mask with threshold 1 keeps its ones."""
+    assert "--inclusive" in run_script("label_blocks.py", "--help").stdout
+    ok(cli.label("inclusive", "--threshold", "0.8", "--inclusive", "--block-index", "0"))
+    assert C.records_settings(cli.folder / "inclusive", cli.blocks[:1]) == C.PassSettings(0.8, 26, inclusive=True)
+    mask = (cli.values > 0.8).astype(np.uint8)
+    run = Run(tmp_path, mask)
+    ok(run.label("records", "--threshold", "1", "--inclusive"))
+    ok(run.merge())
+    run.output()
+    ok(run.write("--records", run.folder / "records", "--blocks", run.plan))
+    np.testing.assert_array_equal(run.read(), reference_labels(mask, 0.5, 26, 2000))  # merge_labels keeps >= 2000 voxels
 
 
 def test_diamond_is_6_connectivity(cli):

@@ -90,7 +90,8 @@ def structure(connectivity: int) -> np.ndarray:
 class PassSettings:
     """What defines one labelling pass.
 
-    ``threshold``: foreground is ``value > threshold``; None: ``value != 0`` (a mask).
+    ``threshold``: foreground is ``value > threshold``, or ``value >= threshold`` with ``inclusive``
+    (the host's Spark connected components); None: ``value != 0`` (a mask).
     ``seed_threshold``: record whether each object holds a voxel ``> seed_threshold`` (hysteresis).
     ``restrict``: the records folder of an earlier pass: only voxels of objects that pass kept are
     foreground (the earlier pass's settings are read from its table).
@@ -100,6 +101,7 @@ class PassSettings:
     connectivity: int = 26
     seed_threshold: float | None = None
     restrict: str | None = None
+    inclusive: bool = False
 
     def __post_init__(self) -> None:
         connectivity_of(self.connectivity)
@@ -109,6 +111,8 @@ class PassSettings:
 
     def key(self) -> dict:
         key = asdict(self)
+        if not self.inclusive:  # records written before the choice existed stay valid
+            del key["inclusive"]
         if self.restrict is not None:  # the earlier pass by its table's content, not its path
             key["restrict"] = _read_table(Path(self.restrict))["fingerprint"]
         return key
@@ -117,6 +121,13 @@ class PassSettings:
 # --------------------------------------------------------------------------------------------
 # 1. Per block: labels and the record
 # --------------------------------------------------------------------------------------------
+
+
+def foreground_of(values: np.ndarray, settings: PassSettings) -> np.ndarray:
+    """The pass's foreground: ``values`` above (or, inclusive, at least) the threshold, or nonzero."""
+    if settings.threshold is None:
+        return values != 0
+    return values >= settings.threshold if settings.inclusive else values > settings.threshold
 
 
 def block_key(block: Box) -> str:
@@ -140,7 +151,7 @@ def local_labels(
         values = volume.read_chunked_zyx(block, executor)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             volume.check_finite(block, executor)  # raises: how many, and the first
-    foreground = values > settings.threshold if settings.threshold is not None else values != 0
+    foreground = foreground_of(values, settings)
     if settings.restrict is not None:
         if restricted_to is None:
             restricted_to = _labels_of(volume, block, checked_table(volume, settings.restrict), executor, values) > 0

@@ -403,7 +403,7 @@ def run_components(chain: Stages, params: dict, request: list, tmp_path: Path, s
     chunks = params["connected_comps_block_size"]
     assert labels_ds == "/connected/s0" and labels_n5 == seg_n5 and meta == {"id": f"{Path(seg_n5).stem}_connected_s0"}
     assert c["create"] == f"--dtype uint64 --chunks {chunks} --compression gzip"
-    assert c["label"] == f"--threshold 0.8 --connectivity {params['connected_pixels_shape']}"
+    assert c["label"] == f"--threshold 0.8 --inclusive --connectivity {params['connected_pixels_shape']}"
     assert c["merge"] == f"--min-size {params['min_connected_pixels']}"
 
     # the labels dataset: uint64, the segmentation's dims, the label chunks
@@ -1313,7 +1313,7 @@ def test_host_facade_leaves_connected_components_to_the_host(tmp_path):
     assert (copts["threshold"], copts["shape"], copts["min_size"], copts["chunks"]) == ("0.8", "box", 2000, "128,128,64")
     assert copts["pyramid"] is False and copts["pyramid_resolution"] == "0.104,0.104,0.18"
     assert create == "--dtype uint64 --chunks 128,128,64 --compression gzip"
-    assert label == "--threshold 0.8 --connectivity box" and merge == "--min-size 2000"
+    assert label == "--threshold 0.8 --inclusive --connectivity box" and merge == "--min-size 2000"
     assert no_chunks == "--dtype uint64 --compression gzip"  # '' = the segmentation's chunks, as the host's -b
     assert volume == {
         "meta": {"id": "out_connected_s0"},

@@ -143,7 +143,7 @@ workflow CONNECTED_COMPONENTS {
 // The options map with defaults filled in (the host pipeline's defaults), checked.
 def componentsOptions(Map options) {
     def defaults = [
-        threshold           : 0.8,            // foreground: value > threshold (connected_pixels_threshold)
+        threshold           : 0.8,            // foreground: value >= threshold (connected_pixels_threshold)
         shape               : 'box',          // box (26-connectivity) or diamond (6) (connected_pixels_shape)
         min_size            : 2000,           // objects with fewer voxels are dropped (min_connected_pixels)
         chunks              : '128,128,64',   // chunks of the labels dataset ('' = the segmentation's) (connected_comps_block_size)
@@ -215,9 +215,10 @@ def labelsPlanArgs(Map opts) {
     ].findAll { arg -> arg != '' }.join(' ')
 }
 
-// label_blocks.py flags: the threshold and the neighbourhood (the host's names: box, diamond).
+// label_blocks.py flags: the threshold (value >= threshold, as the host's Spark app) and the
+// neighbourhood (the host's names: box, diamond).
 def labelArgs(Map opts) {
-    return "--threshold ${opts.threshold} --connectivity ${opts.shape}"
+    return "--threshold ${opts.threshold} --inclusive --connectivity ${opts.shape}"
 }
 
 // merge_labels.py flags: the size filter.
