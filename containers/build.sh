@@ -92,11 +92,16 @@ if [ "$prune" -eq 1 ]; then
     done
     "${engine_cmd[@]}" image prune -f >/dev/null
 fi
+# the commit the images are built from, for the provenance records (as provenance.code_commit)
+commit=$(git -C "$root" rev-parse HEAD 2>/dev/null || true)
+if [ -n "$commit" ] && [ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null || true)" ]; then
+    commit="$commit-dirty"
+fi
 for stage in "${stages[@]}"; do
     image=$(image_of "$stage")
     echo "== $stage -> $image (${engine_cmd[0]})"
     start=$SECONDS
-    "${engine_cmd[@]}" build "${build_args[@]}" -f "containers/$stage/Dockerfile" -t "$image" .
+    "${engine_cmd[@]}" build --build-arg "EXLLSM_COMMIT=$commit" "${build_args[@]}" -f "containers/$stage/Dockerfile" -t "$image" .
     echo "== $stage built in $((SECONDS - start)) s"
 done
 if [ "$prune" -eq 1 ]; then

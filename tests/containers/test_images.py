@@ -284,6 +284,17 @@ def test_image_contents(images, stage):
         assert mpl["after"] == mpl["before"], f"{stage}: matplotlib rewrote its cache: {mpl}"
 
 
+def test_images_know_their_commit(images):
+    """Provenance records made inside an image name the commit it was built from (build.sh passes
+    it), the same value the checkout gives outside."""
+    probe = "from exllsm_neuronseg.provenance import code_commit; print(code_commit())"
+    here = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    if (ROOT / ".git").exists():  # a checkout: the commit is known on both sides
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", here), here
+    for stage in STAGES:
+        assert images.run(image_of(stage), "python3", "-c", probe).stdout.strip() == here, stage
+
+
 def test_image_sizes(images):
     """Bounds that catch an apt or pip cache, or a second copy of TensorFlow, left in an image."""
     sizes = images.report["size_mb"]
