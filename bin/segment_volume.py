@@ -55,7 +55,8 @@ def segment_volume(
     precision: str = typer.Option("fp32", "--precision", help="Compute precision: fp32 (default, the reference), bf16 (GPUs of compute capability 8+, and CPUs with AVX512_BF16 or AMX: about 2x faster, masks agree to ~0.01% of voxels) or fp16 (GPUs)."),
     mask: str | None = typer.Option(None, "--mask", help="Tissue mask CONTAINER:DATASET (any resolution, stretched over the image; nonzero = tissue): tiles with no tissue in the box they write are written as background (0) without the model. Not exact near the mask's edge; off by default."),
     skip_constant: bool = typer.Option(True, "--skip-constant/--no-skip-constant", help="Tiles whose whole input is one value (empty space, missing chunks) get the model's answer to that value without running it (same result up to float rounding); --no-skip-constant runs the model everywhere, for comparison."),
-    io_threads: int | None = typer.Option(None, "--io-threads", min=1, help="Threads for chunk decoding and encoding (default: cores, 2..8; more than 4 per core or 64 in all are capped, with a note)."),
+    cpus: int | None = typer.Option(None, "--cpus", min=1, help="CPUs to use: TensorFlow's threads, and the default of --io-threads (default: the CPUs this process may use, from its affinity mask and any cgroup CPU quota; the pipeline passes its task.cpus)."),
+    io_threads: int | None = typer.Option(None, "--io-threads", min=1, help="Threads for chunk decoding and encoding (default: one per CPU, 2..8; more than 4 per CPU or 64 in all are capped, with a note)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     version: bool = VersionOption,
 ) -> None:
@@ -66,8 +67,10 @@ def segment_volume(
     from exllsm_neuronseg.inference import check_precision_name
     from exllsm_neuronseg.scaling import parse_scaling_factor
     from exllsm_neuronseg.segment import PostProcessing, segment_blocks
+    from exllsm_neuronseg.resources import set_cpus
     from exllsm_neuronseg.volume import open_volume, open_volume_spec
 
+    set_cpus(cpus)  # before anything starts TensorFlow
     check_precision_name(precision)
     source = open_volume(input, input_dataset)
     if image_shape is not None and parse_xyz(image_shape, "--image_shape") != source.shape:

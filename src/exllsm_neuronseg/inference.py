@@ -45,6 +45,7 @@ import numpy as np
 
 from .errors import GeometryError, PrecisionError
 from .geometry import TileGrid
+from .resources import cpus
 from .unet import (
     ModelWeights,
     UNetConfig,
@@ -86,7 +87,8 @@ def import_tensorflow():
     ``tensorflow/__init__`` imports ``keras.src.optimizers`` in a ``try`` that ignores an
     ImportError, only to register Keras optimizers early; that pulls in all of Keras and, through
     its wrappers, scikit-learn.  Inference needs neither, so that one import is made to fail while
-    TensorFlow loads; Keras imports normally later if anything asks for it.  A second thread asking
+    TensorFlow loads; Keras imports normally later if anything asks for it.  Its thread pools are
+    sized to the CPUs this process may use (:func:`_limit_threads`).  A second thread asking
     while the first imports waits for the whole module (never a half-initialised one).  The C++
     start-up lines TensorFlow writes to stderr on import (oneDNN and absl notices) are dropped;
     anything else it writes there is passed on.
@@ -103,7 +105,20 @@ def import_tensorflow():
         finally:
             if block and sys.modules.get(_KERAS_EAGER_IMPORT, 0) is None:
                 del sys.modules[_KERAS_EAGER_IMPORT]
+        _limit_threads(tf)
         return tf
+
+
+def _limit_threads(tf) -> None:
+    """TensorFlow's thread pools (oneDNN runs in the intra-op one) sized to the CPUs this process
+    may use (:func:`.resources.cpus`), not to the machine's cores.  Only possible before TensorFlow
+    runs its first operation; if something else already did, its pools stay as they are."""
+    n = cpus()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(n)
+    except RuntimeError:  # the runtime is already initialised (TensorFlow used before us)
+        pass
 
 
 class _quiet_stderr:

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import codecs, testhook
 from .errors import ChunkError, InputValueError, NeuronSegError, OutputError, OutputExistsError, ParameterError, VolumeError
+from .resources import cpus
 from .geometry import XYZ, Box, format_xyz, grid_cells, reflect_index
 
 log = logging.getLogger(__name__)
@@ -829,13 +830,14 @@ def input_attributes(volume: Volume) -> dict:
 
 
 def default_io_threads() -> int:
-    return max(2, min(8, os.cpu_count() or 2))
+    """One per CPU this process may use (:func:`.resources.cpus`), 2 to 8."""
+    return max(2, min(8, cpus()))
 
 
 def max_io_threads() -> int:
-    """The most chunk I/O threads a run starts: 4 per CPU core, 64 in all (more only cost memory
-    and switching; each holds a chunk in flight)."""
-    return max(2, min(64, 4 * (os.cpu_count() or 1)))
+    """The most chunk I/O threads a run starts: 4 per CPU this process may use, 64 in all (more
+    only cost memory and switching; each holds a chunk in flight)."""
+    return max(2, min(64, 4 * cpus()))
 
 
 def io_thread_count(requested: int | None, warn: Callable[[str], None] = log.warning) -> int:

@@ -45,7 +45,7 @@ process SEGMENT_VOLUME {
         --output ${out_n5} --output_data_set ${out_ds} \\
         --model_path ${model} \\
         ${block_args} ${scaling_arg} ${mask_arg} \\
-        --io-threads ${io_threads} --no-progress ${options} ${args}
+        --cpus ${task.cpus} --io-threads ${io_threads} --no-progress ${options} ${args}
     """
 
     stub:
