@@ -747,6 +747,60 @@ def test_bf16_agrees_with_fp32_and_has_its_own_marker(sparse, skip_run, model_pa
     np.testing.assert_array_equal(read_all(out), fp32)
 
 
+def test_bf16_graph_agrees_with_fp32_on_any_cpu(model_path):
+    """The bf16 graph itself (what GPUs and AVX512_BF16 CPUs run), on whatever CPU runs the tests:
+    TensorFlow emulates bf16 where the CPU lacks it (slowly, which is why the CLI refuses it there),
+    so its numbers are checked on every machine, not only where the end-to-end test above runs."""
+    from exllsm_neuronseg.inference import TileEngine
+    from exllsm_neuronseg.synthetic import SyntheticSpec, synthetic_volume
+    from exllsm_neuronseg.unet import read_model_weights
+
+    weights = read_model_weights(model_path)
+    image, _ = synthetic_volume(SyntheticSpec(shape=(132, 132, 132)))
+    tile = np.ascontiguousarray(image.transpose(2, 1, 0))  # z,y,x
+    p = {
+        precision: TileEngine(weights, (132, 132, 132), (44, 44, 44), axes="zyx", precision=precision).predict(tile, SCALING)
+        for precision in ("fp32", "bf16")
+    }
+    assert p["bf16"].dtype == np.float32 and p["bf16"].shape == (44, 44, 44)
+    delta = np.abs(p["bf16"] - p["fp32"]).max()
+    assert 1e-4 < delta < 0.1, delta  # bf16 did run, and agrees
+    fg32, fg16 = p["fp32"] > 0.5, p["bf16"] > 0.5
+    assert fg32.sum() > 500 and (fg32 == fg16).mean() >= 0.999
+    assert (fg32 & fg16).sum() / (fg32 | fg16).sum() > 0.97
+
+
+def test_bf16_is_refused_on_cpus_without_it(monkeypatch):
+    """bf16 runs on a CPU only with AVX512_BF16 or AMX-BF16 (the flags are read from the CPU; here
+    both answers are checked with chosen flags), and fp16 never runs on a CPU."""
+    tf = inference.import_tensorflow()
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is visible: bf16 and fp16 run there")
+    monkeypatch.setattr(inference, "cpu_flags", lambda: {"avx2", "avx512f"})
+    with pytest.raises(PrecisionError, match="bf16 needs a GPU or a CPU with AVX512_BF16 or AMX-BF16"):
+        inference.check_precision_supported("bf16", tf)
+    for flags in ({"avx512_bf16"}, {"amx_bf16", "avx2"}):
+        monkeypatch.setattr(inference, "cpu_flags", lambda flags=flags: flags)
+        assert inference.check_precision_supported("bf16", tf) == "CPU"
+        with pytest.raises(PrecisionError, match="fp16 runs on GPUs only"):
+            inference.check_precision_supported("fp16", tf)
+    assert inference.check_precision_supported("fp32", tf) == "CPU"
+
+
+def test_bf16_on_this_cpu_without_it_is_one_error_line(sparse, model_path, cli_output):
+    """Where the CPU really lacks bf16 (an AMD EPYC Zen 3, say) the CLI says so in one line and
+    writes nothing; the end-to-end bf16 test above runs on the other machines."""
+    from exllsm_neuronseg.inference import cpu_flags
+
+    if cpu_flags() & {"avx512_bf16", "amx_bf16"} or _has_gpu():
+        pytest.skip("this machine runs bf16: test_bf16_agrees_with_fp32_and_has_its_own_marker covers it")
+    container, dataset_path, before = cli_output
+    proc = run_script("segment_volume.py", *seg_args(sparse, container, model_path, "--precision", "bf16"))
+    line = one_error_line(proc)
+    assert "bf16 needs a GPU or a CPU with AVX512_BF16 or AMX-BF16" in line, line
+    assert tree_digest(dataset_path) == before
+
+
 def test_fp32_markers_keep_the_settings_of_before(skip_run, sparse, model_path):
     """At fp32 and without a mask the marker records exactly the settings markers had before
     precision and masks existed, with the same fingerprint: finished blocks stay finished."""
