@@ -413,7 +413,7 @@ def run_components(chain: Stages, params: dict, request: list, tmp_path: Path, s
     seg = open_volume(seg_n5, seg_ds)
     assert labels.dtype == np.uint64 and labels.shape == seg.shape and labels.chunks == tuple(int(x) for x in chunks.split(","))
     # its plan, on the label chunk grid, with the segmentation's block edge and region
-    plan_inputs = {"meta": meta, "n5": labels_n5, "dataset": labels_ds, "options": c["plan"]}
+    plan_inputs = {"meta": meta, "n5": labels_n5, "dataset": labels_ds, "model": [], "options": c["plan"]}  # no model
     ((_r, _w, planned),) = chain.run("PLAN_BLOCKS", [plan_inputs], name="PLAN_LABEL_BLOCKS", mounts=lambda i: [labels_n5])
     plan = planned["plan"][1]
     (blocks, groups) = chain.groovy.evaluate(
@@ -688,13 +688,14 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
 
     # -- PLAN_BLOCKS and CREATE_VOLUME ------------------------------------------------------------
     plan_proc, create = procs["PLAN_BLOCKS"], procs["CREATE_VOLUME"]
-    plan_inputs = {"meta": meta, "n5": in_n5, "dataset": in_ds, "options": sub["plan"]}
+    plan_inputs = {"meta": meta, "n5": in_n5, "dataset": in_ds, "model": MODEL.name, "options": sub["plan"]}
     create_inputs = {"meta": meta, "in_n5": in_n5, "in_ds": in_ds, "out_n5": out_n5, "out_ds": seg_ds, "options": sub["create"]}
     (plan_rendered,) = groovy.render_many(plan_proc, [(plan_inputs, task(plan_proc.name))])
     (create_rendered,) = groovy.render_many(create, [(create_inputs, task(create.name))])
     check_mounts(plan_rendered, [in_n5])
     check_mounts(create_rendered, [in_n5, str(Path(out_n5).parent)])
-    plan_work = runner.run(plan_proc, plan_rendered["script"])
+    assert f"--model {MODEL.name} " in plan_rendered["script"]
+    plan_work = runner.run(plan_proc, plan_rendered["script"], {MODEL.name: MODEL})
     create_work = runner.run(create, create_rendered["script"])
     plan_outputs = check_outputs(runner, plan_proc, plan_work, plan_inputs)
     planned = plan_outputs["plan"]
@@ -703,6 +704,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
     cost = json.loads(report.read_text())
     n_blocks = 5 if source == "n5" else 2
     assert cost["blocks"] == n_blocks and cost["rate_mvox_s"] == (120 if source == "tiff" else 4.7)
+    assert cost["model"]["path"].endswith(MODEL.name) and cost["tile_runs"] > 0 and cost["empty_tiles"] is not None
     (summary, plan_dir) = groovy.evaluate(
         [
             ({"report": report.read_text(), "id": meta["id"]}, FUNCTIONS, "planSummary(id, report, false)"),
@@ -710,6 +712,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
         ]
     )
     assert summary.startswith(f"plan of {meta['id']}: {n_blocks} blocks, {cost['voxels_to_compute']} of ") and "per device" in summary
+    assert summary.endswith(f"; {cost['empty_tiles']} of {cost['tile_runs']} tiles wholly in empty space")
     assert plan_dir == f"{params['outdir']}/plan/{meta['id']}" and publish_dirs()["PLAN_BLOCKS"][1] == "plan.json"
     publish(tmp_path, plan_dir, [report])
     assert json.loads((tmp_path / plan_dir / "plan.json").read_text()) == cost
@@ -1258,9 +1261,9 @@ def test_plan_only_stops_after_the_plan(tmp_path):
         ["bash", "-c", f"make_test_volume.py -o {n5} --shape 96,64,64 --chunks 32,64,64"], env=runner.env, check=True, capture_output=True
     )
     plan = procs["PLAN_BLOCKS"]
-    inputs = {"meta": {"id": "in_s0"}, "n5": str(n5), "dataset": "/c1/s0", "options": sub[1]}
+    inputs = {"meta": {"id": "in_s0"}, "n5": str(n5), "dataset": "/c1/s0", "model": MODEL.name, "options": sub[1]}
     (rendered,) = groovy.render_many(plan, [(inputs, {"ext": {"args": ""}, "cpus": 1, "process": plan.name, "attempt": 1})])
-    work = runner.run(plan, rendered["script"])
+    work = runner.run(plan, rendered["script"], {MODEL.name: MODEL})
     outputs = check_outputs(runner, plan, work, inputs)
     log = (work / ".command.out").read_text()
     assert "voxels to compute: 393,216" in log and "at 50 Mvox/s" in log

@@ -9,6 +9,9 @@ process PLAN_BLOCKS {
 
     input:
     tuple val(meta), val(n5), val(dataset)
+    // the U-Net model file (.h5): its tile grid and context find the tiles wholly in empty space for
+    // the cost report ([] for none: labels and other plans without a model)
+    path model
     // plan_blocks.py flags: --partition_size, --partial_volume, --scaling_*, and for the cost report
     // --rate-mvox-s, --as_binary_mask, --model_input_shape (see meta.yml)
     val options
@@ -24,11 +27,12 @@ process PLAN_BLOCKS {
 
     script:
     def args = task.ext.args ?: ''
+    def model_arg = model ? "--model ${model}" : ''
     """
     plan_blocks.py \\
         --input ${n5} --input_data_set ${dataset} \\
         --output blocks.txt --scaling_output scaling_jobs.txt --report plan.json \\
-        ${options} ${args}
+        ${model_arg} ${options} ${args}
     """
 
     stub:

@@ -50,6 +50,7 @@ workflow CONNECTED_COMPONENTS {
     //
     PLAN_LABEL_BLOCKS(
         CREATE_VOLUME.out.volume.map { meta, _seg_n5, _seg_ds, labels_n5, labels_ds -> [meta, labels_n5, labels_ds] },
+        [],  // no model: labels are planned on their chunk grid alone
         labelsPlanArgs(opts),
     )
     // [ id, meta, in_n5, in_ds, seg_n5, seg_ds, labels_n5, labels_ds, records, blocks.txt, blocks ]; the

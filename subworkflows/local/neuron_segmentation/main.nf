@@ -43,7 +43,7 @@ workflow NEURON_SEGMENTATION {
     // The plan of each volume: its blocks on the chunk grid, its scaling sampling jobs and the
     // run's cost (blocks, voxels to compute, compute time, output size), logged in one line
     //
-    PLAN_BLOCKS(ch_inputs.map { meta, in_n5, in_ds, _out_n5, _out_ds -> [meta, in_n5, in_ds] }, planArgs(opts))
+    PLAN_BLOCKS(ch_inputs.map { meta, in_n5, in_ds, _out_n5, _out_ds -> [meta, in_n5, in_ds] }, ch_model, planArgs(opts))
     def ch_plan = PLAN_BLOCKS.out.plan
         .map { meta, blocks, jobs -> [meta.id, planLines(blocks.text), planLines(jobs.text)] }
     def ch_reports = PLAN_BLOCKS.out.report
@@ -291,7 +291,8 @@ def planSummary(String id, String report, boolean planOnly) {
     def seconds = Math.round(cost.compute_seconds as double)
     def line = "plan of ${id}: ${cost.blocks} blocks, ${cost.voxels_to_compute} of ${cost.region_voxels} voxels to compute, " +
         "~${seconds} s (${Math.round(seconds / 36.0) / 100} h) per device at ${cost.rate_mvox_s} Mvox/s, " +
-        "output ${cost.output_dtype} ~${Math.round((cost.output_bytes_gzip as double) / 1e6)} MB with gzip"
+        "output ${cost.output_dtype} ~${Math.round((cost.output_bytes_gzip as double) / 1e6)} MB with gzip" +
+        (cost.empty_tiles != null ? "; ${cost.empty_tiles} of ${cost.tile_runs} tiles wholly in empty space" : '')
     return planOnly ? "${line}; plan_only: nothing runs after the plan" : line
 }
 
