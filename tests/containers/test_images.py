@@ -376,6 +376,12 @@ def test_stages_run_as_documented(images, tmp_path):
     assert (data / "blocks.txt").read_text() == (host / "blocks.txt").read_text()
     assert (data / "blocks.txt").read_text().split() == ["0,0,0,64,64,64", "64,0,0,96,64,64"]
     assert (data / "scaling_jobs.txt").read_text() == (host / "jobs.txt").read_text()
+    # the pipeline's cost report reads the model file there (h5py, no TensorFlow)
+    report = "-o {d}/b2.txt --scaling_output {d}/j2.txt --report {d}/plan.json --model {m}"
+    in_image(create, f"plan_blocks.py {src} {plan} {report}", mounts=model)
+    _venv(*f"plan_blocks.py -i {data}/sample.n5 {plan} {report}".format(d=host, m=MODEL).split())
+    costs = [json.loads((folder / "plan.json").read_text()) for folder in (data, host)]
+    assert [(c["tile_runs"], c["empty_tiles"], c["voxels_to_compute"]) for c in costs] == [(2, 0, 96 * 64 * 64)] * 2
     slices = tmp_path / "slices"  # read-only in the container
     slices.mkdir()
     import tifffile
