@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Write blocks of final labels (uint64), or of globally post-processed probabilities (float32), into an output dataset.
+"""Write blocks of final labels (uint64), or of globally post-processed probabilities (float32) or masks (uint8), into an output dataset.
 
 With --records DIR (label_blocks.py, then merge_labels.py) each block is labelled again and mapped
 through the merge table: the labels equal scipy.ndimage.label of the whole thresholded volume after
 the size filter. With --post-processing HYSTERESIS_DIR SIZE_DIR (two merged passes: hysteresis,
-then the size pass restricted to it) the input's probabilities are written where both kept them:
-equal to post-processing the whole volume at once. The output dataset must exist (create_volume.py
---dtype uint64, or float32) with the input's dims, and the blocks must be blocks of the merged plan,
+then the size pass restricted to it) the input's probabilities (or 0/1 mask) are written where both
+kept them: equal to post-processing the whole volume at once. The output dataset must exist
+(create_volume.py --dtype uint64; float32 for probabilities, uint8 for a mask) with the input's dims, and the blocks must be blocks of the merged plan,
 aligned to its chunks. Several blocks run in one process (repeated --start/--end pairs, or --blocks
 FILE --block-index LIST); each gets a done marker, so a re-run skips finished blocks (--redo
 writes them again).
@@ -26,7 +26,7 @@ def write_labels(
     records: str | None = typer.Option(None, "--records", help="Records folder of one merged pass: write its labels."),
     post_processing: tuple[str, str] | None = typer.Option(None, "--post-processing", help="HYSTERESIS_DIR SIZE_DIR: records folders of the two merged post-processing passes: write post-processed probabilities."),
     output: str = typer.Option(..., "-o", "--output", help="Output container (its dataset must exist: create_volume.py)."),
-    output_dataset: str = typer.Option("/s0", "-od", "--output_data_set", "--output-dataset", help="Dataset path inside the output container: uint64 (labels) or float32 (post-processing)."),
+    output_dataset: str = typer.Option("/s0", "-od", "--output_data_set", "--output-dataset", help="Dataset path inside the output container: uint64 (labels); float32, or uint8 for a 0/1 mask input (post-processing)."),
     start: list[str] | None = StartOption,
     end: list[str] | None = EndOption,
     blocks: str | None = BlocksOption,

@@ -290,6 +290,29 @@ def test_global_post_processing_equals_whole_volume(request, tmp_path, case, gri
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("grid_name", ["one block", "random 2", "odd steps"])
+def test_global_post_processing_of_a_binary_mask(tmp_path, grid_name):
+    """A uint8 0/1 mask (the binary segmentation) post-processed in blocks equals ``post_process``
+    of the whole mask, and is written as uint8 into a uint8 dataset (float32 is refused for it)."""
+    mask = (noise_field((30, 34, 40), seed=8) > 0.55).astype(np.uint8)
+    volume = write_n5(tmp_path / "mask.n5", mask)
+    expected = post_process(mask.transpose(2, 1, 0).copy(), 0.98, 0.2, 0.9, 30).transpose(2, 1, 0)
+    assert expected.dtype == np.uint8 and 0 < np.count_nonzero(expected) < np.count_nonzero(mask)  # small objects went
+    blocks = named_grid(grid_name, volume.shape)
+    hysteresis, small = post_process_passes(volume, blocks, tmp_path, 0.98, 0.2, 0.9, 30)
+    got = assemble(volume, blocks, lambda b: C.post_process_block(volume, b, hysteresis, small), np.uint8)
+    np.testing.assert_array_equal(got, expected)
+    assert C.post_process_block(volume, blocks[0], hysteresis, small).dtype == np.uint8
+    if grid_name != "one block":  # written only in blocks aligned to the chunks: the one block
+        return
+    out = create_volume(tmp_path / "out.n5", "pp/s0", volume.shape, volume.chunks, "uint8")
+    C.write_blocks(volume, out, blocks, post_processing=(hysteresis, small))
+    np.testing.assert_array_equal(out.read_zyx(volume.box), expected)
+    wrong = create_volume(tmp_path / "out.n5", "f/s0", volume.shape, volume.chunks, "float32")
+    with pytest.raises(OutputError, match="post-processed masks are written into a uint8 dataset"):
+        C.write_blocks(volume, wrong, blocks, post_processing=(hysteresis, small))
+
+
 def test_post_processing_needs_the_size_pass_restricted_to_the_hysteresis_pass(noise, tmp_path):
     volume, _ = noise
     blocks = named_grid("odd steps", volume.shape)

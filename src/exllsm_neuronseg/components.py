@@ -594,8 +594,8 @@ def _labels_of(volume: Volume, block: Box, table: dict, executor=None, values: n
 
 
 def post_process_block(volume: Volume, block: Box, hysteresis_records: str | Path, size_records: str | Path, executor=None) -> np.ndarray:
-    """Globally post-processed probabilities of one block (z,y,x float32): voxels of objects the
-    hysteresis pass kept, minus the objects the size pass dropped."""
+    """Globally post-processed probabilities of one block (z,y,x float32; uint8 for a 0/1 mask):
+    voxels of objects the hysteresis pass kept, minus the objects the size pass dropped."""
     hysteresis, size = post_processing_tables(volume, hysteresis_records, size_records)
     return _post_processed(volume, block, hysteresis, size, executor)
 
@@ -622,7 +622,7 @@ def _post_processed(volume: Volume, block: Box, hysteresis: dict, size: dict, ex
     labels, _, _ = local_labels(volume, block, PassSettings(**size["settings"]), executor, values, kept)
     small = (labels > 0) & (table_mapping(size, block)[labels] == 0)
     del labels
-    out = values.astype(np.float32)  # a copy for float32 input too: values stays the input
+    out = values.astype(post_processed_dtype(volume))  # a copy for float32 input too: values stays the input
     out[~kept | small] = 0
     return out
 
@@ -649,9 +649,17 @@ class WriteResult:
         return f"block {self.block}: {self.objects} objects ({self.voxels} voxels) labelled in {self.seconds:.1f} s"
 
 
+def post_processed_dtype(volume: Volume) -> np.dtype:
+    """What global post-processing writes for ``volume``: uint8 for a uint8 0/1 mask (the binary
+    segmentation; hysteresis keeps every object there, so the size filter decides), else float32
+    probabilities."""
+    return np.dtype(np.uint8) if volume.dtype == np.uint8 else np.dtype(np.float32)
+
+
 def check_result_output(output: Volume, volume: Volume, post_processing: bool) -> None:
-    """The output must be another dataset than the input, of its dims, uint64 for labels (float32 for
-    post-processed probabilities), and writable."""
+    """The output must be another dataset than the input, of its dims, uint64 for labels (for
+    post-processing :func:`post_processed_dtype`: float32 probabilities, uint8 for a 0/1 mask), and
+    writable."""
     if same_dataset(volume.container, volume.dataset, output.container, output.dataset):
         raise OutputError(f"the output {output} is the input dataset itself: write into another dataset")
     if output.shape != volume.shape:
@@ -659,9 +667,9 @@ def check_result_output(output: Volume, volume: Volume, post_processing: bool) -
             f"output dataset {output} has dims {format_xyz(output.shape)}, but the input has {format_xyz(volume.shape)}: "
             "create it from the input (create_volume.py)"
         )
-    wanted = np.dtype(np.float32) if post_processing else np.dtype(np.uint64)
+    wanted = post_processed_dtype(volume) if post_processing else np.dtype(np.uint64)
     if output.dtype != wanted:
-        what = "post-processed probabilities" if post_processing else "labels"
+        what = ("post-processed masks" if wanted == np.uint8 else "post-processed probabilities") if post_processing else "labels"
         raise OutputError(f"output dataset {output} is {output.dtype}: {what} are written into a {wanted} dataset")
     if not os.access(output.path, os.W_OK):
         raise OutputError(f"output dataset {output} is not writable (check permissions of {output.path})")
@@ -679,7 +687,7 @@ def write_blocks(
 ) -> list[WriteResult]:
     """Write the final labels of ``blocks`` (from the merge table in ``records``) into the uint64
     ``output``, or with ``post_processing`` = (hysteresis records, size records) the globally
-    post-processed probabilities into the float32 ``output``.
+    post-processed probabilities into the float32 ``output`` (a uint8 0/1 mask into a uint8 one).
 
     Everything is checked before the first block is written: the tables (made from this input, the
     size pass restricted to the hysteresis pass), the output (:func:`check_result_output`), every

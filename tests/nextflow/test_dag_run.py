@@ -1349,7 +1349,7 @@ def test_post_processing_components_and_pyramid_options(tmp_path):
         ({}, refused(f"blocksDataset(segmentationOptions({global_pp} + [post_processing_dataset: 's0/']), '/s0')")),
         ({}, refused("segmentationOptions([post_processing_scope: 'volume'])")),
         ({}, refused("segmentationOptions([pyramid: 'yes'])")),
-        ({}, f"def o = segmentationOptions({global_pp} + [binary: true]); [o.post_processing_mode, segmentArgs(o)]"),
+        ({}, f"def o = segmentationOptions({global_pp} + [binary: true]); [o.post_processing_mode, segmentArgs(o), outputArgs(postProcessingOptions(globalPostProcessingOptions(o)))]"),
         ({}, "def o = postProcessingOptions(globalPostProcessingOptions(segmentationOptions([small_region_size_threshold: '50']))); [o.small_region_size_threshold, sizeMergeArgs(o)]"),
         ({}, refused("postProcessingOptions([small_region_size_threshold: 2.5])")),
         ({}, refused("pyramidOptions([max_levels: 0])")),
@@ -1370,7 +1370,8 @@ def test_post_processing_components_and_pyramid_options(tmp_path):
     assert "is the output dataset itself" in itself and "post_processing_raw_dataset" in itself
     assert "post_processing_scope must be 'block' or 'global'" in scope
     assert "segmentation_pyramid must be true or false" in pyramid
-    assert binary[0] == "block" and "--with_post_processing" in binary[1]  # write_labels.py writes float32 only
+    assert binary[0] == "global" and "--with_post_processing" not in binary[1]
+    assert binary[2] == "--dtype uint8 --compression gzip"  # the post-processed mask stays a uint8 mask
     assert size == [50, "--min-size 50"]
     assert "neuron_seg_small_region_size_th" in fraction
     assert "pyramid_max_levels must be a whole number from 1 to 10" in zero and "from 1 to 10" in many

@@ -14,7 +14,7 @@ process WRITE_LABELS {
 
     input:
     // records, always a list: [ dir ] of one merged pass (uint64 labels), or [ hysteresis_dir, size_dir ]
-    // of the two merged post-processing passes (float32 probabilities); blocks: [ [start:, end:], ... ] of the plan
+    // of the two merged post-processing passes (float32 probabilities, or uint8 masks); blocks: [ [start:, end:], ... ] of the plan
     tuple val(meta), val(in_n5), val(in_ds), val(out_n5), val(out_ds), val(records), val(blocks)
     // write_labels.py flags, e.g. --redo
     val options

@@ -12,7 +12,8 @@ include { planLines; blockTasks; whenTasksDone; recordsFolder } from '../utils_b
  * inside each block (where objects cut by a block's border are judged by their part in it).
  *
  * For each volume, with the blocks of the plan its raw probabilities were segmented in:
- * (1) create the output dataset (float32, the raw dataset's dims and chunks), beside the passes;
+ * (1) create the output dataset (float32, or uint8 for a binary mask; the raw dataset's dims and
+ * chunks), beside the passes;
  * (2) hysteresis pass: label p > low per block task, then one merge that keeps the objects holding
  * a voxel p > high (label_blocks.py --seed-threshold, merge_labels.py --require-seed --min-size 0);
  * (3) size pass, once the hysteresis merge is done: label p > small_region_probability_threshold
@@ -40,7 +41,8 @@ workflow GLOBAL_POST_PROCESSING {
     }
 
     //
-    // The output dataset: float32, the raw dataset's dims and chunks (an identical existing one is kept)
+    // The output dataset: float32 (uint8 for a binary mask), the raw dataset's dims and chunks (an
+    // identical existing one is kept)
     //
     CREATE_VOLUME(
         ch_inputs.map { _id, meta, raw_n5, raw_ds, out_n5, out_ds, _plan, _blocks, _hyst, _size -> [meta, raw_n5, raw_ds, out_n5, out_ds] },
@@ -130,6 +132,7 @@ def postProcessingOptions(Map options) {
         small_region_size_threshold        : 1000,         // ... with fewer voxels are removed
         compression                        : 'gzip',       // codec of the output dataset
         overwrite                          : false,        // replace an output dataset of other dims, chunks or dtype
+        binary                             : false,        // the raw dataset is a uint8 0/1 mask (so is the output)
         blocks_per_task                    : 4,            // blocks per labelling and writing task
         resources                          : [:],          // [cpus:, memory:, container:] of the per-block tasks
         merge_resources                    : [:],          // [cpus:, memory:, container:] of the merges
@@ -142,9 +145,11 @@ def postProcessingOptions(Map options) {
     return opts + [small_region_size_threshold: size.toInteger(), merge_resources: opts.merge_resources ?: opts.resources]
 }
 
-// create_volume.py flags of the output: float32 probabilities, the raw dataset's chunks.
+// create_volume.py flags of the output: float32 probabilities (uint8 for a binary mask), the raw
+// dataset's chunks.
 def outputArgs(Map opts) {
-    return ["--dtype float32 --compression ${opts.compression}", opts.overwrite ? '--overwrite' : ''].findAll { arg -> arg != '' }.join(' ')
+    def dtype = opts.binary ? 'uint8' : 'float32'
+    return ["--dtype ${dtype} --compression ${opts.compression}", opts.overwrite ? '--overwrite' : ''].findAll { arg -> arg != '' }.join(' ')
 }
 
 // label_blocks.py flags of the hysteresis pass (26-connectivity, as the original's post-processing).

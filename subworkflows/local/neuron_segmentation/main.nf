@@ -226,11 +226,6 @@ def segmentationOptions(Map options) {
         error("post_processing_scope must be 'block' or 'global', not '${opts.post_processing_scope}'")
     }
     def mode = flags.post_processing ? scope : 'none'
-    if (mode == 'global' && opts.binary) {
-        // the global passes write float32 probabilities (write_labels.py); a 0/1 mask is post-processed in its blocks
-        log.warn("post_processing_scope 'global' writes probabilities: with neuron_mask_as_binary the post-processing runs inside each block")
-        mode = 'block'
-    }
     return opts + flags + [blocks_per_task: perTask.toInteger(), post_processing_mode: mode]
 }
 
@@ -270,7 +265,7 @@ def rawDataset(String outDataset) {
 def globalPostProcessingOptions(Map opts) {
     return opts.subMap([
         'high_threshold', 'low_threshold', 'small_region_probability_threshold', 'small_region_size_threshold',
-        'compression', 'overwrite', 'blocks_per_task',
+        'compression', 'overwrite', 'blocks_per_task', 'binary',
     ]) + [resources: opts.components_resources]
 }
 
