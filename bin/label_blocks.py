@@ -21,7 +21,7 @@ def label_blocks(
     input: str = typer.Option(..., "-i", "--input", help="Input container (N5 or zarr)."),
     input_dataset: str = typer.Option("/s0", "-id", "--input_data_set", "--input-dataset", help="Dataset path: probabilities, or a 0/1 mask."),
     records: str = typer.Option(..., "--records", help="Folder of the blocks' records (created if missing); one per pass."),
-    threshold: float = typer.Option(0.8, "--threshold", help="Foreground is value > threshold (the host's connected_pixels_threshold)."),
+    threshold: float = typer.Option(0.8, "--threshold", help="Foreground is value > threshold (>= with --inclusive; the host's connected_pixels_threshold)."),
     inclusive: bool = typer.Option(False, "--inclusive", help="Foreground is value >= threshold, as the host's Spark connected components (default: >, as post-processing)."),
     connectivity: str = typer.Option("26", "--connectivity", help="6 (or diamond: faces) or 26 (or box: faces, edges, corners); the host's connected_pixels_shape."),
     seed_threshold: float | None = typer.Option(None, "--seed-threshold", help="Hysteresis: note which objects hold a voxel > this (merge_labels.py --require-seed keeps only those)."),

@@ -24,7 +24,7 @@ def write_labels(
     input: str = typer.Option(..., "-i", "--input", help="Input container (N5 or zarr) the records were made from."),
     input_dataset: str = typer.Option("/s0", "-id", "--input_data_set", "--input-dataset", help="Dataset path the records were made from."),
     records: str | None = typer.Option(None, "--records", help="Records folder of one merged pass: write its labels."),
-    post_processing: tuple[str, str] | None = typer.Option(None, "--post-processing", help="HYSTERESIS_DIR SIZE_DIR: records folders of the two merged post-processing passes: write post-processed probabilities."),
+    post_processing: tuple[str, str] | None = typer.Option(None, "--post-processing", help="HYSTERESIS_DIR SIZE_DIR: records folders of the two merged post-processing passes: write post-processed probabilities (a uint8 mask for a uint8 input)."),
     output: str = typer.Option(..., "-o", "--output", help="Output container (its dataset must exist: create_volume.py)."),
     output_dataset: str = typer.Option("/s0", "-od", "--output_data_set", "--output-dataset", help="Dataset path inside the output container: uint64 (labels); float32, or uint8 for a 0/1 mask input (post-processing)."),
     start: list[str] | None = StartOption,

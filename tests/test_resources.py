@@ -36,6 +36,10 @@ def cgroup_tree(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path,
          {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}, 3.0),
         ("4:cpu:/x\n", {"cpu/x/cpu.cfs_quota_us": "-1\n", "cpu/x/cpu.cfs_period_us": "100000\n"}, None),  # v1, no quota
         ("0::/job\n", {}, None),  # no cgroup files at all
+        # cgroup v1 inside a container: the host's path in /proc, the container's own limit at the mount root
+        ("4:cpu,cpuacct:/docker/abc\n", {"cpu,cpuacct/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 2.0),
+        ("4:cpuacct,cpu:/x\n", {"cpu/x/cpu.cfs_quota_us": "150000\n", "cpu/x/cpu.cfs_period_us": "100000\n"}, 1.5),
+        ("0::/../sibling\n", {"cpu.max": "100000 100000"}, None),  # outside the cgroup namespace: not ours
         ("garbage\n", {"cpu.max": "100000 100000"}, None),
     ],
 )

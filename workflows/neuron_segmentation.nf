@@ -118,6 +118,7 @@ def hostOptions() {
         // The run plan: its cost is always reported; plan_only stops after it (new; off unless asked)
         plan_only                 : hostParam('plan_only', false),
         rate_mvox_s               : hostParam('plan_rate_mvox_s', ''),
+        tile_shape                : hostParam('neuron_seg_model_in_dims', 'auto'),  // the plan counts the tiles the blocks run
         segmentation_args         : [
             "--model_input_shape ${hostParam('neuron_seg_model_in_dims', 'auto')}",
             "--model_output_shape ${hostParam('neuron_seg_model_out_dims', 'auto')}",

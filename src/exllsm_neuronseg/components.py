@@ -104,6 +104,8 @@ class PassSettings:
     inclusive: bool = False
 
     def __post_init__(self) -> None:
+        if self.threshold is None and self.inclusive:  # value != 0 either way: one identity
+            object.__setattr__(self, "inclusive", False)
         connectivity_of(self.connectivity)
         for name, v in (("threshold", self.threshold), ("seed threshold", self.seed_threshold)):
             if v is not None and not (isinstance(v, (int, float)) and np.isfinite(v)):
@@ -650,9 +652,9 @@ class WriteResult:
 
 
 def post_processed_dtype(volume: Volume) -> np.dtype:
-    """What global post-processing writes for ``volume``: uint8 for a uint8 0/1 mask (the binary
-    segmentation; hysteresis keeps every object there, so the size filter decides), else float32
-    probabilities."""
+    """What global post-processing writes for ``volume``: uint8 for a uint8 input (a 0/1 mask, the
+    binary segmentation: hysteresis keeps every object there, so the size filter decides; other
+    values are kept as they are), else float32 probabilities."""
     return np.dtype(np.uint8) if volume.dtype == np.uint8 else np.dtype(np.float32)
 
 

@@ -48,6 +48,8 @@ def _cgroup_dirs(root: Path, proc_cgroup: Path) -> list[Path]:
         else:
             continue
         rel = Path(path.lstrip("/"))
+        if ".." in rel.parts:  # outside this cgroup namespace: its folders are not ours to read
+            continue
         for base in bases:
             here = base / rel
             while True:

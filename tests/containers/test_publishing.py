@@ -94,6 +94,8 @@ def test_publish_workflow_pushes_every_stage_under_the_module_names():
     push = uses["docker/build-push-action"]["with"]
     assert push["push"] is True and push["context"] == "."
     assert push["file"] == "containers/${{ matrix.stage }}/Dockerfile"
+    # published images name their commit in provenance records, as build.sh's do
+    assert push["build-args"].strip().splitlines() == ["EXLLSM_COMMIT=${{ github.sha }}"]
     # the tag is the name build.sh gives (= the modules'), and the git tag must be the package version
     naming = next(step for step in steps if step.get("id") == push["tags"].split(".")[1])
     assert 'containers/build.sh --list "$STAGE"' in naming["run"] and job["env"]["STAGE"] == "${{ matrix.stage }}"

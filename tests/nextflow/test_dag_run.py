@@ -652,7 +652,7 @@ def test_synthetic_run_in_dag_order(analysis, tmp_path, source):
         assert "--with_post_processing" not in sub["segment"]  # the passes do it, over the whole volume
     else:
         assert opts["post_processing_mode"] == "none" and seg_ds == out_ds
-        assert sub["plan"].endswith("--rate-mvox-s 120")  # plan_rate_mvox_s, for the cost report
+        assert sub["plan"].endswith("--rate-mvox-s 120 --model_input_shape 220,220,220")  # plan_rate_mvox_s; the blocks' tiles
     assert sub["our_components"] is False  # the facade creates no labels: main.nf runs them (below)
 
     # -- TIFF_TO_N5 (facade): the TIFF series becomes <output_dir>/raw/s0 -------------------------
@@ -1119,7 +1119,7 @@ def test_facade_and_subworkflow_functions(tmp_path):
     host_example, binary, sizes, blocks, scaling_jobs, means, orders = results[16:]
     assert host_example == [
         "--partition_size 250 --partial_volume 0,0,0,250,250,250 --scaling_tiles 0 --scaling_fraction 0.1 "
-        "--scaling_partition_size 396,396,396 --max_scaling_tiles_per_job 40",
+        "--scaling_partition_size 396,396,396 --max_scaling_tiles_per_job 40 --model_input_shape auto",
         "--dtype float32 --compression gzip",
         "--partial_volume 0,0,0,250,250,250 --precision fp32 --skip-constant",
     ]
@@ -1238,7 +1238,7 @@ def test_plan_only_stops_after_the_plan(tmp_path):
     groovy = Groovy(tmp_path / "groovy")
     (options,) = groovy.evaluate([({"params": {"plan_only": True, "plan_rate_mvox_s": 50}}, section_functions(FACADE), "hostOptions()")])
     (sub,) = groovy.evaluate([({"options": options}, SUB_FUNCTIONS, "def o = segmentationOptions(options); [o.plan_only, planArgs(o)]")])
-    assert sub[0] is True and sub[1].endswith("--rate-mvox-s 50 --plan-only")
+    assert sub[0] is True and sub[1].endswith("--rate-mvox-s 50 --model_input_shape auto --plan-only")
 
     # every step after the plan is inside `if (!opts.plan_only) { ... }`
     text = SUBWORKFLOW.read_text()

@@ -203,6 +203,7 @@ def segmentationOptions(Map options) {
         pyramid_max_levels          : 10,               // at most this many levels (PYRAMID has this many level steps)
         plan_only                   : false,            // a dry run: plan and report the cost, run nothing after
         rate_mvox_s                 : '',               // segmentation rate of one device for the cost ('' = the script's)
+        tile_shape                  : 'auto',           // the tile input shape segmentation runs (for the plan's tile count)
     ]
     def opts = defaults + options
     def perTask = "${opts.blocks_per_task}".trim()
@@ -302,6 +303,7 @@ def planArgs(Map opts) {
         "--max_scaling_tiles_per_job ${opts.max_scaling_tiles_per_job}",
         opts.binary ? '--as_binary_mask' : '',
         opts.rate_mvox_s ? "--rate-mvox-s ${opts.rate_mvox_s}" : '',
+        "--model_input_shape ${sizeText(opts.tile_shape ?: 'auto')}",
         opts.plan_only ? '--plan-only' : '',
     ].findAll { arg -> arg != '' }.join(' ')
 }
