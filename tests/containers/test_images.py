@@ -291,7 +291,10 @@ def test_images_know_their_commit(images):
     here = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     if (ROOT / ".git").exists():  # a checkout: the commit is known on both sides
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", here), here
-    for stage in STAGES:
+    for stage in STAGES:  # every image carries it ...
+        env = images.run(image_of(stage), "python3", "-c", "import os; print(os.environ['EXLLSM_COMMIT'])")
+        assert env.stdout.strip() == (here if here != "None" else ""), stage
+    for stage in ("create_volume", "segment_volume"):  # ... and the stages that write datasets record it
         assert images.run(image_of(stage), "python3", "-c", probe).stdout.strip() == here, stage
 
 
