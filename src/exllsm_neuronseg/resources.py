@@ -44,7 +44,7 @@ def _cgroup_dirs(root: Path, proc_cgroup: Path) -> list[Path]:
         if controllers == "":  # cgroup v2: one unified hierarchy
             bases = [root]
         elif "cpu" in names:  # cgroup v1: the cpu controller's mount, alone or joined with cpuacct
-            bases = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+            bases = list(dict.fromkeys([root / controllers, root / "cpu", root / "cpu,cpuacct"]))  # each once
         else:
             continue
         rel = Path(path.lstrip("/"))
