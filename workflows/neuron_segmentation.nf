@@ -78,6 +78,8 @@ workflow neuron_segmentation {
 // The subworkflow's options from the host's params (same names and defaults, except the tile
 // shape: 'auto' unless the host sets it).
 def hostOptions() {
+    // the tile shape the blocks run, which the plan counts too
+    def tileShape = hostParam('neuron_seg_model_in_dims', 'auto')
     return [
         partition_size            : hostParam('neuron_segmentation_partition_size', '') ?: hostParam('volume_partition_size', 512),
         partial_volume            : hostParam('partial_volume', ''),
@@ -118,9 +120,9 @@ def hostOptions() {
         // The run plan: its cost is always reported; plan_only stops after it (new; off unless asked)
         plan_only                 : hostParam('plan_only', false),
         rate_mvox_s               : hostParam('plan_rate_mvox_s', ''),
-        tile_shape                : hostParam('neuron_seg_model_in_dims', 'auto'),  // the plan counts the tiles the blocks run
+        tile_shape                : tileShape,
         segmentation_args         : [
-            "--model_input_shape ${hostParam('neuron_seg_model_in_dims', 'auto')}",
+            "--model_input_shape ${tileShape}",
             "--model_output_shape ${hostParam('neuron_seg_model_out_dims', 'auto')}",
             "--unet_batch_size ${hostParam('neuron_seg_unet_batch_sz', 1)}",
             hostParam('use_gpu_mem_growth', true) ? '--set_gpu_mem_growth' : '',
